@@ -1,0 +1,4 @@
+"""Kernel implementations. Importing this package registers every built-in kernel class."""
+
+from engine.kernels import npu as npu  # noqa: F401  (registers NPU kernels)
+from engine.kernels import triton as triton  # noqa: F401  (registers CUDA kernels)

@@ -1,0 +1,171 @@
+"""Triton RMSNorm, forward and backward, with transformers' llama and gemma casting conventions.
+
+Forward reads x once and writes y and a per-row fp32 rstd. Backward reads x, dy, rstd and writes dx; the
+weight gradient is accumulated in fp32 per program of a persistent grid, then summed over programs.
+Pointer offsets are int64, so tensors over 2**31 elements are safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels.triton.runtime import next_power_of_2, program_count
+
+MAX_FUSED_COLUMNS = 65536
+
+
+@triton.jit
+def _rms_norm_fwd(
+    X,
+    W,
+    Y,
+    RSTD,
+    stride_x,
+    stride_y,
+    n_rows,
+    n_cols,
+    eps,
+    offset,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GEMMA: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols[None, :] < n_cols)
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + offset
+    normed = x * rstd[:, None]
+    if not GEMMA:  # transformers rounds the normalised input to its dtype before scaling by the weight
+        normed = normed.to(X.dtype.element_ty).to(tl.float32)
+    y = normed * w[None, :]
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _rms_norm_bwd(
+    X,
+    W,
+    DY,
+    RSTD,
+    DX,
+    DW_PARTIAL,
+    stride_x,
+    stride_dy,
+    stride_dx,
+    n_rows,
+    n_cols,
+    offset,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GEMMA: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
+    dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(pid * BLOCK_M, n_rows, n_programs * BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        normed = x * rstd[:, None]
+        if GEMMA:
+            dw += dy * normed
+        else:
+            dw += dy * normed.to(X.dtype.element_ty).to(tl.float32)
+        dnormed = dy * w[None, :]
+        dot = tl.sum(dnormed * normed, axis=1) / n_cols
+        dx = (dnormed - normed * dot[:, None]) * rstd[:, None]
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_mask)
+
+
+def _block_rows(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): several rows per program for narrow rows like head_dim 128."""
+    block_n = next_power_of_2(n_cols)
+    block_m = max(1, min(64, 4096 // block_n))
+    num_warps = 4 if block_n * block_m <= 4096 else 8 if block_n * block_m <= 16384 else 16
+    return block_m, block_n, num_warps
+
+
+class TritonRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, gemma: bool) -> torch.Tensor:
+        shape = x.shape
+        n_cols = shape[-1]
+        x2 = x.reshape(-1, n_cols)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
+        y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+        rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        block_m, block_n, warps = _block_rows(n_cols)
+        grid = (triton.cdiv(x2.shape[0], block_m),)
+        _rms_norm_fwd[grid](
+            x2,
+            weight,
+            y,
+            rstd,
+            x2.stride(0),
+            y.stride(0),
+            x2.shape[0],
+            n_cols,
+            eps,
+            offset,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            GEMMA=gemma,
+            num_warps=warps,
+        )
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.offset, ctx.gemma, ctx.shape = offset, gemma, shape
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, weight, rstd = ctx.saved_tensors
+        n_rows, n_cols = x2.shape
+        dy2 = dy.reshape(-1, n_cols)
+        if dy2.stride(-1) != 1:
+            dy2 = dy2.contiguous()
+        dx = torch.empty_like(x2)
+        block_m, block_n, warps = _block_rows(n_cols)
+        programs = max(1, min(program_count(x2.device, per_sm=2), triton.cdiv(n_rows, block_m)))
+        partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)
+        _rms_norm_bwd[(programs,)](
+            x2,
+            weight,
+            dy2,
+            rstd,
+            dx,
+            partial,
+            x2.stride(0),
+            dy2.stride(0),
+            dx.stride(0),
+            n_rows,
+            n_cols,
+            ctx.offset,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            GEMMA=ctx.gemma,
+            num_warps=warps,
+        )
+        dw = partial.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx.view(ctx.shape), dw, None, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, gemma: bool = False):
+    """``y = (w + offset) * x * rsqrt(mean(x^2) + eps)`` over the last dim, with autograd."""
+    return TritonRMSNormFunction.apply(x, weight, eps, offset, gemma)

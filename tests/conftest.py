@@ -1,0 +1,38 @@
+"""Test setup: Triton kernels run through the interpreter on CPU unless a GPU is present."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton.jit decoration
+
+import pytest  # noqa: E402
+
+import engine  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_patches():
+    """Every test must leave no process-wide patch behind."""
+    from engine import patch
+
+    yield
+    leftover = list(patch._FUNCTION_PATCHES)
+    for state in list(patch._FUNCTION_PATCHES.values()):
+        state.users = 1
+        patch._release_function_patch(state)
+    assert not leftover, f"test left process-wide patches: {leftover}"
+
+
+@pytest.fixture()
+def npu_standin():
+    from engine.testing.torch_npu_standin import torch_npu_standin
+
+    with torch_npu_standin() as module:
+        yield module
+
+
+def pytest_report_header(config):
+    kernels = ", ".join(engine.REGISTRY.names())
+    return f"engine kernels: {kernels}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"

@@ -1,0 +1,139 @@
+"""Op-level parity of the Triton kernels (TRITON_INTERPRET=1 on CPU, real launches on a GPU)."""
+
+import pytest
+import torch
+
+from engine.kernels import reference
+from engine.kernels.triton.mrope import mrope_cos_sin
+from engine.kernels.triton.rms_norm import rms_norm
+from engine.kernels.triton.rope import rope
+from engine.kernels.triton.swiglu import swiglu
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def grads_of(fn, inputs, seed=0):
+    """Output and input gradients of fn under a random upstream gradient."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum() for o in outs)
+    loss.backward()
+    return [o.detach() for o in outs], [t.grad for t in leaves]
+
+
+def check(fn, ref_fn, inputs, dtype):
+    """fn in `dtype` vs the reference in float64: no worse than the reference evaluated in `dtype`."""
+    outs, grads = grads_of(fn, inputs)
+    ref_outs, ref_grads = grads_of(ref_fn, [t.double() for t in inputs])
+    for got, want in zip(outs + grads, ref_outs + ref_grads, strict=True):
+        assert torch.isfinite(got).all()
+        assert rel(got, want) <= TOL[dtype], rel(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 64), (37, 128), (4, 6, 2, 128), (2, 300)])
+def test_rms_norm_matches_reference(shape, dtype):
+    x = torch.randn(shape, device=DEVICE, dtype=dtype)
+    w = (torch.randn(shape[-1], device=DEVICE) * 0.2 + 1).to(dtype)
+    check(
+        lambda a, b: rms_norm(a, b, 1e-6),
+        lambda a, b: reference.rms_norm_reference(a, b, 1e-6),
+        [x, w],
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_gemma_offset(dtype):
+    x = torch.randn(9, 48, device=DEVICE, dtype=dtype)
+    w = (torch.randn(48, device=DEVICE) * 0.2).to(dtype)
+    check(
+        lambda a, b: rms_norm(a, b, 1e-6, 1.0, True),
+        lambda a, b: reference.rms_norm_reference(a, b, 1e-6, 1.0, "gemma"),
+        [x, w],
+        dtype,
+    )
+
+
+# The Triton interpreter rounds fp32 -> bf16 toward zero (GPUs round to nearest even), so bit-exactness
+# against torch is checked in fp16 on CPU and in bf16 as well on a GPU.
+EXACT_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+def test_rms_norm_llama_casting_is_bit_exact_forward(dtype):
+    x = torch.randn(16, 64, device=DEVICE, dtype=dtype)
+    w = torch.randn(64, device=DEVICE, dtype=dtype)
+    assert torch.equal(rms_norm(x, w, 1e-6), reference.rms_norm_reference(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+def test_rms_norm_fp32_weight_promotes_output_like_transformers(dtype):
+    x = torch.randn(4, 32, device=DEVICE, dtype=dtype)
+    w = torch.randn(32, device=DEVICE, dtype=torch.float32)
+    out = rms_norm(x, w, 1e-6)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference.rms_norm_reference(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_matches_reference(dtype):
+    gate = torch.randn(3, 7, 301, device=DEVICE, dtype=dtype)
+    up = torch.randn(3, 7, 301, device=DEVICE, dtype=dtype)
+    check(swiglu, reference.swiglu_reference, [gate, up], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(4, 2), (3, 3), (8, 1)])
+def test_rope_matches_reference_on_transposed_views(dtype, heads):
+    batch, seq, dim = 2, 6, 32
+    hq, hk = heads
+    q = torch.randn(batch, seq, hq, dim, device=DEVICE, dtype=dtype).transpose(1, 2)  # like transformers
+    k = torch.randn(batch, seq, hk, dim, device=DEVICE, dtype=dtype).transpose(1, 2)
+    cos = torch.randn(batch, seq, dim, device=DEVICE, dtype=dtype)
+    sin = torch.randn(batch, seq, dim, device=DEVICE, dtype=dtype)
+
+    def ours(q_, k_):
+        return rope(q_, k_, cos, sin)
+
+    def ref(q_, k_):
+        return reference.rope_reference(q_, k_, cos.double(), sin.double())
+
+    check(ours, ref, [q, k], dtype)
+    q_out, _ = rope(q, k, cos, sin)
+    assert q_out.stride() == q.stride()
+
+
+def test_rope_broadcast_batch_cos():
+    q = torch.randn(3, 2, 5, 16, device=DEVICE)
+    k = torch.randn(3, 1, 5, 16, device=DEVICE)
+    cos, sin = torch.randn(1, 5, 16, device=DEVICE), torch.randn(1, 5, 16, device=DEVICE)
+    for got, want in zip(rope(q, k, cos, sin), reference.rope_reference(q, k, cos, sin), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("layout,section", [("sectioned", [2, 3, 3]), ("interleaved", [4, 2, 2])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mrope_cos_sin_matches_reference(layout, section, dtype):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32, device=DEVICE) / 16))
+    pos = torch.randint(0, 500, (3, 2, 9), device=DEVICE)
+    table = reference.mrope_axis_table(8, section, layout).to(DEVICE)
+    got = mrope_cos_sin(pos, inv_freq, table, 1.0, dtype)
+    want = reference.mrope_cos_sin_reference(pos, inv_freq, table, 1.0, dtype)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+
+
+def test_mrope_axis_tables_match_transformers_layouts():
+    assert reference.mrope_axis_table(8, [2, 3, 3]).tolist() == [0, 0, 1, 1, 1, 2, 2, 2]
+    assert reference.mrope_axis_table(8, [4, 2, 2], "interleaved").tolist() == [0, 1, 2, 0, 1, 2, 0, 0]
+    with pytest.raises(ValueError, match="must sum"):
+        reference.mrope_axis_table(8, [1, 1, 1])
