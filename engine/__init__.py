@@ -35,6 +35,7 @@ from engine.kernels.npu import (
     NpuSwiGluKernel,
 )
 from engine.kernels.triton import (
+    TritonFusedMoEKernel,
     TritonMRoPEKernel,
     TritonRMSNormKernel,
     TritonRoPEKernel,
@@ -67,6 +68,7 @@ __all__ = [
     "PatchReport",
     "SpecEntry",
     "SpecError",
+    "TritonFusedMoEKernel",
     "TritonMRoPEKernel",
     "TritonRMSNormKernel",
     "TritonRoPEKernel",

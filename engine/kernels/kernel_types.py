@@ -206,8 +206,15 @@ def _check_moe(module: Any, options: BaseModel) -> str | None:
     experts, two_i, hidden = gate_up.shape
     if down.shape != (experts, hidden, two_i // 2) or two_i % 2:
         return f"down_proj {tuple(down.shape)} does not match gate_up_proj {tuple(gate_up.shape)}"
-    if getattr(module, "has_bias", False):
-        return "experts with biases are not fused"
+    for flag, meaning in (
+        ("has_bias", "biases"),
+        ("is_transposed", "transposed [E, in, out] weights"),
+        ("has_post_expert_norm", "a post-expert norm"),
+    ):
+        if getattr(module, flag, False):
+            return f"experts with {meaning} are not fused"
+    if getattr(module, "is_concatenated", True) is False or getattr(module, "has_gate", True) is False:
+        return "experts without a concatenated gate/up projection are not fused"
     act = getattr(module, "act_fn", None)
     if not is_silu(act):
         return f"expert activation {type(act).__name__} is not SiLU"

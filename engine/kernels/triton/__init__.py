@@ -2,6 +2,7 @@
 imported only when a kernel first runs, so a machine without triton still plans (and reports the skip)."""
 
 from engine.kernels.triton.classes import (
+    TritonFusedMoEKernel,
     TritonMRoPEKernel,
     TritonRMSNormKernel,
     TritonRoPEKernel,
@@ -10,6 +11,7 @@ from engine.kernels.triton.classes import (
 )
 
 __all__ = [
+    "TritonFusedMoEKernel",
     "TritonMRoPEKernel",
     "TritonRMSNormKernel",
     "TritonRoPEKernel",

@@ -131,6 +131,29 @@ class TritonVisionRoPEKernel(TritonKernel):
         return q_out.transpose(1, 2).squeeze(0), k_out.transpose(1, 2).squeeze(0)
 
 
+class TritonFusedMoEKernel(TritonKernel):
+    """transformers>=5 experts (Qwen3-MoE, Qwen3-VL-MoE): grouped GEMMs with fused SwiGLU, no host sync."""
+
+    type = "fused_moe"
+    device = "cuda"
+
+    @classmethod
+    def module_forward(
+        cls,
+        module: nn.Module,
+        options: BaseModel,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        from engine.kernels.triton.moe import fused_moe
+
+        gate_up, down = module.gate_up_proj, module.down_proj
+        if not (hidden_states.dtype == gate_up.dtype == down.dtype) or hidden_states.dim() != 2:
+            return type(module).forward(module, hidden_states, top_k_index, top_k_weights)
+        return fused_moe(hidden_states, gate_up, down, top_k_index, top_k_weights)
+
+
 class TritonMRoPEKernel(TritonKernel):
     """Qwen2-VL / Qwen3-VL text rotary embedding: multimodal cos/sin in one launch."""
 

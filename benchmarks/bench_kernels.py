@@ -1,0 +1,197 @@
+"""RMSNorm, SwiGLU, RoPE and multimodal-RoPE cos/sin: HF eager vs torch.compile vs F.rms_norm vs Liger vs engine.
+
+    python benchmarks/bench_kernels.py [--out benchmarks/results] [--dtype bfloat16]
+
+Times forward and forward+backward (median of CUDA events, L2 flushed) and checks each provider's output
+against HF eager first. Writes kernels_<gpu>.json and kernels_<gpu>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS_DIR, bar_plot, environment, fwd_bwd, median_ms, write_json  # noqa: E402
+from engine.kernels.reference import mrope_axis_table  # noqa: E402
+from engine.kernels.triton.mrope import mrope_cos_sin  # noqa: E402
+from engine.kernels.triton.rms_norm import rms_norm  # noqa: E402
+from engine.kernels.triton.rope import rope  # noqa: E402
+from engine.kernels.triton.swiglu import swiglu  # noqa: E402
+
+TARGETS_MS = {  # issue #3, H100, bf16, forward+backward
+    "rms_norm 16384x4096": 0.35,
+    "rms_norm 65536x128": 0.15,
+    "swiglu 16384x11008": 1.45,
+    "rope B4 T2048 32/8 heads d128": 0.35,
+}
+
+
+def liger_ops() -> dict[str, Callable] | None:
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.ops.rope import LigerRopeFunction
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    except Exception as exc:  # pragma: no cover - reported in the results
+        print(f"liger-kernel unavailable: {exc}")
+        return None
+    return {
+        "rms_norm": lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False),
+        "swiglu": LigerSiLUMulFunction.apply,
+        "rope": LigerRopeFunction.apply,
+    }
+
+
+def rms_norm_case(rows: int, cols: int, dtype):
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    module = Qwen3RMSNorm(cols, eps=1e-6).to("cuda", dtype)
+    with torch.no_grad():
+        module.weight.add_(torch.randn_like(module.weight) * 0.1)
+    x = torch.randn(rows, cols, device="cuda", dtype=dtype, requires_grad=True)
+    w = module.weight
+    compiled = torch.compile(Qwen3RMSNorm.forward)
+    providers = {
+        "hf_eager": lambda: Qwen3RMSNorm.forward(module, x),
+        "torch_compile": lambda: compiled(module, x),
+        "F.rms_norm": lambda: F.rms_norm(x, (cols,), w, 1e-6),
+        "engine": lambda: rms_norm(x, w, 1e-6),
+    }
+    if LIGER:
+        providers["liger"] = lambda: LIGER["rms_norm"](x, w, 1e-6)
+    return f"rms_norm {rows}x{cols}", providers, [x, w], [torch.randn(rows, cols, device="cuda", dtype=dtype)]
+
+
+def swiglu_case(rows: int, cols: int, dtype):
+    a = torch.randn(rows, cols, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(rows, cols, device="cuda", dtype=dtype, requires_grad=True)
+
+    def eager(a_, b_):
+        return F.silu(a_) * b_
+
+    compiled = torch.compile(eager)
+    providers = {
+        "hf_eager": lambda: eager(a, b),
+        "torch_compile": lambda: compiled(a, b),
+        "engine": lambda: swiglu(a, b),
+    }
+    if LIGER:
+        providers["liger"] = lambda: LIGER["swiglu"](a, b)
+    return f"swiglu {rows}x{cols}", providers, [a, b], [torch.randn(rows, cols, device="cuda", dtype=dtype)]
+
+
+def rope_case(batch: int, seq: int, hq: int, hk: int, dim: int, dtype):
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+    q = torch.randn(batch, seq, hq, dim, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_(True)
+    k = torch.randn(batch, seq, hk, dim, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_(True)
+    angles = torch.arange(seq, device="cuda")[:, None] * (1e4 ** (-torch.arange(0, dim, 2, device="cuda") / dim))
+    emb = torch.cat((angles, angles), -1)[None].expand(batch, -1, -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    compiled = torch.compile(apply_rotary_pos_emb)
+    providers = {
+        "hf_eager": lambda: apply_rotary_pos_emb(q, k, cos, sin),
+        "torch_compile": lambda: compiled(q, k, cos, sin),
+        "engine": lambda: rope(q, k, cos, sin),
+    }
+    if LIGER:
+        providers["liger"] = lambda: LIGER["rope"](q, k, cos, sin)
+    grads = [torch.randn_like(q), torch.randn_like(k)]
+    return f"rope B{batch} T{seq} {hq}/{hk} heads d{dim}", providers, [q, k], grads
+
+
+def mrope_case(batch: int, seq: int, dim: int, dtype):
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
+
+    config = Qwen2VLConfig(
+        text_config={
+            "hidden_size": 32 * dim,
+            "num_attention_heads": 32,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        }
+    ).text_config
+    module = Qwen2VLRotaryEmbedding(config).to("cuda")
+    pos = torch.randint(0, 4096, (3, batch, seq), device="cuda")
+    x = torch.empty(1, device="cuda", dtype=dtype)
+    table = mrope_axis_table(dim // 2, [16, 24, 24]).to("cuda")
+    compiled = torch.compile(module.forward)
+    providers = {
+        "hf_eager": lambda: module.forward(x, pos),
+        "torch_compile": lambda: compiled(x, pos),
+        "engine": lambda: mrope_cos_sin(pos, module.inv_freq, table, module.attention_scaling, dtype),
+    }
+    return f"mrope cos/sin B{batch} T{seq} d{dim}", providers, [], []
+
+
+def check_close(name: str, outs: dict[str, object]) -> dict[str, float]:
+    ref = outs["hf_eager"]
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    errors = {}
+    for provider, out in outs.items():
+        out = out if isinstance(out, tuple) else (out,)
+        pairs = zip(out, ref, strict=True)
+        errors[provider] = max(float((o.float() - r.float()).norm() / r.float().norm()) for o, r in pairs)
+    print(f"  {name}: relative error vs hf_eager " + ", ".join(f"{p} {e:.1e}" for p, e in errors.items()))
+    return errors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    global LIGER
+    LIGER = liger_ops()
+    cases = [
+        rms_norm_case(16384, 4096, dtype),
+        rms_norm_case(65536, 128, dtype),
+        swiglu_case(16384, 11008, dtype),
+        rope_case(4, 2048, 32, 8, 128, dtype),
+        mrope_case(4, 2048, 128, dtype),
+    ]
+    records, plot_groups = [], {}
+    for name, providers, leaves, grads in cases:
+        with torch.no_grad():
+            errors = check_close(name, {p: fn() for p, fn in providers.items()})
+        for provider, fn in providers.items():
+            row = {"case": name, "provider": provider, "dtype": args.dtype, "max_rel_error_vs_hf": errors[provider]}
+            row["fwd_ms"] = median_ms(fn)
+            if leaves:
+                row["fwd_bwd_ms"] = median_ms(fwd_bwd(fn, leaves, grads))
+            records.append(row)
+            print(
+                f"  {name:32s} {provider:14s} fwd {row['fwd_ms']:.3f} ms"
+                + (f"  fwd+bwd {row['fwd_bwd_ms']:.3f} ms" if leaves else "")
+            )
+            key = f"{name}\n{'fwd+bwd' if leaves else 'fwd'}"
+            plot_groups.setdefault(key, {})[provider] = row.get("fwd_bwd_ms", row["fwd_ms"])
+    summary = {}
+    for name in {r["case"] for r in records}:
+        rows = {r["provider"]: r for r in records if r["case"] == name}
+        metric = "fwd_bwd_ms" if "fwd_bwd_ms" in rows["engine"] else "fwd_ms"
+        summary[name] = {
+            "metric": metric,
+            "engine_ms": rows["engine"][metric],
+            "target_ms": TARGETS_MS.get(name),
+            **{f"speedup_vs_{p}": rows[p][metric] / rows["engine"][metric] for p in rows if p != "engine"},
+        }
+    gpu = torch.cuda.get_device_name().replace(" ", "_")
+    write_json(args.out / f"kernels_{gpu}.json", {"environment": environment(), "summary": summary, "records": records})
+    bar_plot(args.out / f"kernels_{gpu}.png", f"kernels on {gpu} ({args.dtype}), lower is better", plot_groups, "ms")
+    print("\nsummary (engine ms, target, speed-up vs others):")
+    for name, s in sorted(summary.items()):
+        ratios = ", ".join(f"{k[11:]} x{v:.2f}" for k, v in s.items() if k.startswith("speedup_vs_"))
+        print(f"  {name:32s} {s['metric']:10s} {s['engine_ms']:.3f} ms (target {s['target_ms']}) {ratios}")
+
+
+LIGER: dict[str, Callable] | None = None
+
+if __name__ == "__main__":
+    main()

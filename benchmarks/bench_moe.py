@@ -1,0 +1,182 @@
+"""Fused MoE experts at the Qwen3-30B-A3B layer shape: transformers eager / grouped_mm vs Liger vs engine.
+
+    python benchmarks/bench_moe.py [--tokens 4096 16384] [--sweep]
+
+hidden 2048, moe_intermediate 768, 128 experts, top-8, bf16, router-like skewed routing. Checks output and all
+gradients against an fp32 run of transformers first, then times forward and forward+backward.
+Writes moe_<gpu>.json and moe_<gpu>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS_DIR, bar_plot, environment, fwd_bwd, median_ms, write_json  # noqa: E402
+from engine.kernels.triton import moe as engine_moe  # noqa: E402
+
+HIDDEN, INTER, EXPERTS, TOP_K = 2048, 768, 128, 8
+TARGETS_MS = {4096: 4.0, 16384: 11.0}  # issue #4, H100 bf16 fwd+bwd
+
+
+def experts_module(implementation: str, dtype):
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    config = Qwen3MoeConfig(
+        hidden_size=HIDDEN, moe_intermediate_size=INTER, num_experts=EXPERTS, num_experts_per_tok=TOP_K
+    )
+    config._experts_implementation = implementation
+    module = Qwen3MoeExperts(config).to("cuda", dtype)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        module.gate_up_proj.normal_(0, HIDDEN**-0.5)
+        module.down_proj.normal_(0, INTER**-0.5)
+    return module
+
+
+def routing(tokens: int, dtype):
+    """Softmax-top-k over skewed logits, like a router early in training (uneven expert loads)."""
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    bias = torch.linspace(0, 2, EXPERTS, device="cuda")
+    logits = torch.randn(tokens, EXPERTS, device="cuda", generator=gen) + bias
+    weights, index = torch.softmax(logits, -1).topk(TOP_K, dim=-1)
+    return index, (weights / weights.sum(-1, keepdim=True)).to(dtype)
+
+
+def providers(module, tokens: int, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(tokens, HIDDEN, device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
+    index, weights = routing(tokens, dtype)
+    weights.requires_grad_(True)
+    grad = torch.randn(tokens, HIDDEN, device="cuda", dtype=dtype, generator=gen)
+    eager = experts_module("eager", dtype)
+    grouped = experts_module("grouped_mm", dtype)
+    for other in (eager, grouped):
+        other.gate_up_proj, other.down_proj = module.gate_up_proj, module.down_proj
+    fns = {
+        "transformers_grouped_mm": lambda: grouped(x, index, weights),
+        "engine": lambda: engine_moe.fused_moe(x, module.gate_up_proj, module.down_proj, index, weights),
+    }
+    if tokens <= 4096:
+        fns["transformers_eager"] = lambda: eager(x, index, weights)
+    try:
+        from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+
+        fns["liger"] = lambda: LigerFusedMoEFunction.apply(x, module.gate_up_proj, module.down_proj, index, weights)
+    except Exception as exc:
+        print(f"liger fused MoE unavailable: {exc}")
+    leaves = [x, weights, module.gate_up_proj, module.down_proj]
+    return fns, leaves, grad
+
+
+def check(fns, leaves, grad, index) -> dict[str, dict[str, float]]:
+    """Errors of each provider's output and gradients relative to an fp32 transformers-semantics run."""
+    from engine.kernels.reference import moe_experts_reference
+
+    ref_leaves = [t.detach().float().requires_grad_(True) for t in leaves]
+    x, w, gate_up, down = ref_leaves
+    ref_out = moe_experts_reference(x, index, w, gate_up, down)
+    ref_out.backward(grad.float())
+    ref = [ref_out.detach()] + [t.grad for t in ref_leaves]
+    errors = {}
+    for name, fn in fns.items():
+        for t in leaves:
+            t.grad = None
+        out = fn()
+        out.backward(grad)
+        got = [out.detach()] + [t.grad.detach().clone() for t in leaves]
+        errors[name] = {
+            k: float((g.float() - r).norm() / r.norm())
+            for k, g, r in zip(["out", "d_x", "d_weights", "d_gate_up", "d_down"], got, ref, strict=True)
+        }
+        print(f"  {name:24s} rel. error vs fp32: " + ", ".join(f"{k} {v:.1e}" for k, v in errors[name].items()))
+    for t in leaves:
+        t.grad = None
+    return errors
+
+
+def sweep(module, tokens: int, dtype) -> None:
+    """Try tile configurations for each engine GEMM and keep the fastest (prints the table)."""
+    fns, leaves, grad = providers(module, tokens, dtype)
+    run = fwd_bwd(fns["engine"], leaves, [grad])
+    for name in engine_moe.CONFIGS:
+        best = None
+        for bn, bk, warps, stages in itertools.product((64, 128), (32, 64), (4, 8), (3, 4)):
+            engine_moe.CONFIGS[name] = engine_moe.TileConfig(bn, bk, warps, stages)
+            try:
+                ms = median_ms(run, warmup_ms=25, rep_ms=100)
+            except Exception as exc:  # out of resources for this tile
+                print(f"  {name} {bn}/{bk}/{warps}/{stages}: {type(exc).__name__}")
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, engine_moe.TileConfig(bn, bk, warps, stages))
+        engine_moe.CONFIGS[name] = best[1]
+        print(f"  sweep {name}: best {best[1]} -> fwd+bwd {best[0]:.3f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--sweep", action="store_true", help="tune engine tile configs first (at the first T)")
+    args = parser.parse_args()
+    dtype = torch.bfloat16
+    module = experts_module("eager", dtype)
+    module.gate_up_proj.requires_grad_(True)
+    if args.sweep:
+        sweep(module, args.tokens[0], dtype)
+    records, groups, errors = [], {}, {}
+    for tokens in args.tokens:
+        fns, leaves, grad = providers(module, tokens, dtype)
+        errors[tokens] = check(fns, leaves, grad, routing(tokens, dtype)[0])
+        for name, fn in fns.items():
+            row = {
+                "tokens": tokens,
+                "provider": name,
+                "fwd_ms": median_ms(fn),
+                "fwd_bwd_ms": median_ms(fwd_bwd(fn, leaves, [grad])),
+            }
+            records.append(row)
+            groups.setdefault(f"T={tokens} fwd+bwd", {})[name] = row["fwd_bwd_ms"]
+            groups.setdefault(f"T={tokens} fwd", {})[name] = row["fwd_ms"]
+            print(f"  T={tokens:6d} {name:24s} fwd {row['fwd_ms']:.3f} ms  fwd+bwd {row['fwd_bwd_ms']:.3f} ms")
+    summary = {}
+    for tokens in args.tokens:
+        rows = {r["provider"]: r for r in records if r["tokens"] == tokens}
+        engine_ms = rows["engine"]["fwd_bwd_ms"]
+        summary[str(tokens)] = {
+            "engine_fwd_bwd_ms": engine_ms,
+            "target_ms": TARGETS_MS.get(tokens),
+            **{f"speedup_vs_{p}": r["fwd_bwd_ms"] / engine_ms for p, r in rows.items() if p != "engine"},
+        }
+    gpu = torch.cuda.get_device_name().replace(" ", "_")
+    configs = {k: vars(v) for k, v in engine_moe.CONFIGS.items()}
+    write_json(
+        args.out / f"moe_{gpu}.json",
+        {
+            "environment": environment(),
+            "shape": {
+                "hidden": HIDDEN,
+                "moe_intermediate": INTER,
+                "experts": EXPERTS,
+                "top_k": TOP_K,
+                "dtype": "bfloat16",
+            },
+            "engine_tile_configs": configs,
+            "summary": summary,
+            "errors_vs_fp32": errors,
+            "records": records,
+        },
+    )
+    bar_plot(args.out / f"moe_{gpu}.png", f"Qwen3-30B-A3B experts on {gpu} (bf16), lower is better", groups, "ms")
+    print("\nsummary:", summary)
+
+
+if __name__ == "__main__":
+    main()
