@@ -129,6 +129,26 @@ def mrope_case(batch: int, seq: int, dim: int, dtype):
     return f"mrope cos/sin B{batch} T{seq} d{dim}", providers, [], []
 
 
+def sweep_rms_norm(dtype) -> dict[str, dict[str, int]]:
+    """Pick the RMSNorm backward launch shape (rows per step, warps, programs per SM) by timing fwd+bwd."""
+    import itertools
+
+    from engine.kernels.triton import rms_norm as module
+
+    for rows, cols, key, block_ms in ((16384, 4096, "wide", (1, 2, 4)), (65536, 128, "narrow", (8, 16, 32, 64))):
+        _, providers_, leaves, grads = rms_norm_case(rows, cols, dtype)
+        run = fwd_bwd(providers_["engine"], leaves, grads)
+        best = None
+        for block_m, warps, per_sm in itertools.product(block_ms, (4, 8, 16), (1, 2, 4, 8)):
+            module.BWD_TUNING[key] = {"block_m": block_m, "num_warps": warps, "programs_per_sm": per_sm}
+            ms = median_ms(run, warmup_ms=25, rep_ms=100)
+            if best is None or ms < best[0]:
+                best = (ms, dict(module.BWD_TUNING[key]))
+        module.BWD_TUNING[key] = best[1]
+        print(f"  sweep rms_norm {rows}x{cols}: best {best[1]} -> fwd+bwd {best[0]:.3f} ms")
+    return module.BWD_TUNING
+
+
 def check_close(name: str, outs: dict[str, object]) -> dict[str, float]:
     ref = outs["hf_eager"]
     ref = ref if isinstance(ref, tuple) else (ref,)
@@ -145,10 +165,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--sweep-rms-norm", action="store_true", help="tune the RMSNorm backward launch first")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     global LIGER
     LIGER = liger_ops()
+    from engine.kernels.triton import rms_norm as rms_norm_module
+
+    if args.sweep_rms_norm:
+        sweep_rms_norm(dtype)
     cases = [
         rms_norm_case(16384, 4096, dtype),
         rms_norm_case(65536, 128, dtype),
@@ -183,7 +208,13 @@ def main() -> None:
             **{f"speedup_vs_{p}": rows[p][metric] / rows["engine"][metric] for p in rows if p != "engine"},
         }
     gpu = torch.cuda.get_device_name().replace(" ", "_")
-    write_json(args.out / f"kernels_{gpu}.json", {"environment": environment(), "summary": summary, "records": records})
+    payload = {
+        "environment": environment(),
+        "summary": summary,
+        "rms_norm_bwd_tuning": rms_norm_module.BWD_TUNING,
+        "records": records,
+    }
+    write_json(args.out / f"kernels_{gpu}.json", payload)
     bar_plot(args.out / f"kernels_{gpu}.png", f"kernels on {gpu} ({args.dtype}), lower is better", plot_groups, "ms")
     print("\nsummary (engine ms, target, speed-up vs others):")
     for name, s in sorted(summary.items()):

@@ -20,7 +20,11 @@ import triton.language as tl
 from engine.kernels.triton.moe_routing import Routing, choose_block_m, route
 from engine.kernels.triton.runtime import interpreting, next_power_of_2
 
+# Epilogue selectors: host-side ints, and the same values as constexpr globals for use inside kernels.
 PLAIN, SCALE_ROWS, SWIGLU_FWD, SWIGLU_BWD = 0, 1, 2, 3
+_SCALE_ROWS = tl.constexpr(SCALE_ROWS)
+_SWIGLU_FWD = tl.constexpr(SWIGLU_FWD)
+_SWIGLU_BWD = tl.constexpr(SWIGLU_BWD)
 
 
 @dataclass
@@ -104,7 +108,7 @@ def _row_gemm(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if EPILOGUE == SWIGLU_FWD:
+        if EPILOGUE == _SWIGLU_FWD:
             b_up = tl.load(b_ptrs + half_n * stride_bn, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             if DOT_FP32:
                 b_up = b_up.to(tl.float32)
@@ -115,7 +119,7 @@ def _row_gemm(
     rows64 = rows.to(tl.int64)
     out_mask = row_mask[:, None] & col_mask[None, :]
     c_ptrs = C + rows64[:, None] * stride_cm + cols[None, :]
-    if EPILOGUE == SWIGLU_FWD:
+    if EPILOGUE == _SWIGLU_FWD:
         gate = acc.to(C.dtype.element_ty)
         up = acc_up.to(C.dtype.element_ty)
         g_ptrs = GATE_UP + rows64[:, None] * stride_gm + cols[None, :]
@@ -123,10 +127,10 @@ def _row_gemm(
         tl.store(g_ptrs + half_n, up, mask=out_mask)
         g = gate.to(tl.float32)
         tl.store(c_ptrs, (g * tl.sigmoid(g) * up.to(tl.float32)).to(C.dtype.element_ty), mask=out_mask)
-    elif EPILOGUE == SCALE_ROWS:
+    elif EPILOGUE == _SCALE_ROWS:
         scale = tl.load(ROW_SCALE + rows, mask=row_mask, other=0.0)
         tl.store(c_ptrs, (acc * scale[:, None]).to(C.dtype.element_ty), mask=out_mask)
-    elif EPILOGUE == SWIGLU_BWD:
+    elif EPILOGUE == _SWIGLU_BWD:
         g_ptrs = GATE_UP + rows64[:, None] * stride_gm + cols[None, :]
         g = tl.load(g_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         u = tl.load(g_ptrs + half_n, mask=out_mask, other=0.0).to(tl.float32)

@@ -14,6 +14,12 @@ import triton.language as tl
 from engine.kernels.triton.runtime import next_power_of_2, program_count
 
 MAX_FUSED_COLUMNS = 65536
+# Backward launch shape, by row width: rows per loop step, warps, and programs per SM of the persistent grid.
+# Tuned on an H100 with ``benchmarks/bench_kernels.py --sweep-rms-norm``.
+BWD_TUNING: dict[str, dict[str, int]] = {
+    "narrow": {"block_m": 32, "num_warps": 4, "programs_per_sm": 2},  # rows of <= 512 columns
+    "wide": {"block_m": 1, "num_warps": 8, "programs_per_sm": 2},
+}
 
 
 @triton.jit
@@ -92,6 +98,27 @@ def _rms_norm_bwd(
     tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_mask)
 
 
+@triton.jit
+def _sum_partials(PARTIAL, OUT, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """OUT[c] = sum_r PARTIAL[r, c], written in OUT's dtype (the weight gradient)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < n_cols
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows[:, None] < n_rows) & col_mask[None, :]
+        acc += tl.sum(tl.load(PARTIAL + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0), axis=0)
+    tl.store(OUT + cols, acc.to(OUT.dtype.element_ty), mask=col_mask)
+
+
+def _bwd_config(n_cols: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, programs_per_sm) for the backward kernel."""
+    block_n = next_power_of_2(n_cols)
+    tuning = BWD_TUNING["narrow" if block_n <= 512 else "wide"]
+    block_m = max(1, min(tuning["block_m"], 16384 // block_n))
+    return block_m, block_n, tuning["num_warps"], tuning["programs_per_sm"]
+
+
 def _block_rows(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): several rows per program for narrow rows like head_dim 128."""
     block_n = next_power_of_2(n_cols)
@@ -141,8 +168,8 @@ class TritonRMSNormFunction(torch.autograd.Function):
         if dy2.stride(-1) != 1:
             dy2 = dy2.contiguous()
         dx = torch.empty_like(x2)
-        block_m, block_n, warps = _block_rows(n_cols)
-        programs = max(1, min(program_count(x2.device, per_sm=2), triton.cdiv(n_rows, block_m)))
+        block_m, block_n, warps, per_sm = _bwd_config(n_cols)
+        programs = max(1, min(program_count(x2.device, per_sm=per_sm), triton.cdiv(n_rows, block_m)))
         partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)
         _rms_norm_bwd[(programs,)](
             x2,
@@ -162,7 +189,11 @@ class TritonRMSNormFunction(torch.autograd.Function):
             GEMMA=ctx.gemma,
             num_warps=warps,
         )
-        dw = partial.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = torch.empty_like(weight)
+            block_c = min(256, block_n)
+            _sum_partials[(triton.cdiv(n_cols, block_c),)](partial, dw, programs, n_cols, BLOCK_R=32, BLOCK_C=block_c)
         return dx.view(ctx.shape), dw, None, None, None
 
 
