@@ -75,30 +75,27 @@ def providers(module, tokens: int, dtype):
     return fns, leaves, grad
 
 
-def check(fns, leaves, grad, index) -> dict[str, dict[str, float]]:
-    """Errors of each provider's output and gradients relative to an fp32 transformers-semantics run."""
+def reference_grads(leaves, grad, index) -> list[torch.Tensor]:
+    """Output and gradients of an fp32 run with transformers' semantics."""
     from engine.kernels.reference import moe_experts_reference
 
     ref_leaves = [t.detach().float().requires_grad_(True) for t in leaves]
     x, w, gate_up, down = ref_leaves
-    ref_out = moe_experts_reference(x, index, w, gate_up, down)
-    ref_out.backward(grad.float())
-    ref = [ref_out.detach()] + [t.grad for t in ref_leaves]
-    errors = {}
-    for name, fn in fns.items():
-        for t in leaves:
-            t.grad = None
-        out = fn()
-        out.backward(grad)
-        got = [out.detach()] + [t.grad.detach().clone() for t in leaves]
-        errors[name] = {
-            k: float((g.float() - r).norm() / r.norm())
-            for k, g, r in zip(["out", "d_x", "d_weights", "d_gate_up", "d_down"], got, ref, strict=True)
-        }
-        print(f"  {name:24s} rel. error vs fp32: " + ", ".join(f"{k} {v:.1e}" for k, v in errors[name].items()))
+    out = moe_experts_reference(x, index, w, gate_up, down)
+    out.backward(grad.float())
+    return [out.detach()] + [t.grad for t in ref_leaves]
+
+
+def errors_of(fn, leaves, grad, ref) -> dict[str, float]:
     for t in leaves:
         t.grad = None
-    return errors
+    out = fn()
+    out.backward(grad)
+    got = [out.detach()] + [t.grad.detach().clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    names = ["out", "d_x", "d_weights", "d_gate_up", "d_down"]
+    return {k: float((g.float() - r).norm() / r.norm()) for k, g, r in zip(names, got, ref, strict=True)}
 
 
 def sweep(module, tokens: int, dtype) -> None:
@@ -107,7 +104,7 @@ def sweep(module, tokens: int, dtype) -> None:
     run = fwd_bwd(fns["engine"], leaves, [grad])
     for name in engine_moe.CONFIGS:
         best = None
-        for bn, bk, warps, stages in itertools.product((64, 128), (32, 64), (4, 8), (3, 4)):
+        for bn, bk, warps, stages in itertools.product((64, 128), (64,), (4, 8), (3, 4)):
             engine_moe.CONFIGS[name] = engine_moe.TileConfig(bn, bk, warps, stages)
             try:
                 ms = median_ms(run, warmup_ms=25, rep_ms=100)
@@ -134,8 +131,10 @@ def main() -> None:
     records, groups, errors = [], {}, {}
     for tokens in args.tokens:
         fns, leaves, grad = providers(module, tokens, dtype)
-        errors[tokens] = check(fns, leaves, grad, routing(tokens, dtype)[0])
+        ref = reference_grads(leaves, grad, routing(tokens, dtype)[0])
+        errors[tokens] = {}
         for name, fn in fns.items():
+            errors[tokens][name] = errors_of(fn, leaves, grad, ref)
             row = {
                 "tokens": tokens,
                 "provider": name,
@@ -145,7 +144,12 @@ def main() -> None:
             records.append(row)
             groups.setdefault(f"T={tokens} fwd+bwd", {})[name] = row["fwd_bwd_ms"]
             groups.setdefault(f"T={tokens} fwd", {})[name] = row["fwd_ms"]
-            print(f"  T={tokens:6d} {name:24s} fwd {row['fwd_ms']:.3f} ms  fwd+bwd {row['fwd_bwd_ms']:.3f} ms")
+            errs = ", ".join(f"{k} {v:.1e}" for k, v in errors[tokens][name].items())
+            print(
+                f"  T={tokens:6d} {name:24s} fwd {row['fwd_ms']:.3f} ms  fwd+bwd {row['fwd_bwd_ms']:.3f} ms"
+                f"  (rel. err vs fp32: {errs})",
+                flush=True,
+            )
     summary = {}
     for tokens in args.tokens:
         rows = {r["provider"]: r for r in records if r["tokens"] == tokens}
