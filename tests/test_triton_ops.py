@@ -137,3 +137,17 @@ def test_mrope_axis_tables_match_transformers_layouts():
     assert reference.mrope_axis_table(8, [4, 2, 2], "interleaved").tolist() == [0, 1, 2, 0, 1, 2, 0, 0]
     with pytest.raises(ValueError, match="must sum"):
         reference.mrope_axis_table(8, [1, 1, 1])
+
+
+@pytest.mark.parametrize("two_pass", [0, 1])
+@pytest.mark.parametrize("shape", [(37, 128), (70, 1024), (5, 3, 600)])
+def test_rms_norm_backward_fused_and_two_pass(monkeypatch, shape, two_pass):
+    from engine.kernels.triton import rms_norm as module
+
+    for key in ("narrow", "wide"):
+        monkeypatch.setitem(module.BWD_TUNING, key, dict(module.BWD_TUNING[key], two_pass=two_pass))
+    x = torch.randn(shape, device=DEVICE, dtype=torch.float32)
+    w = torch.randn(shape[-1], device=DEVICE) * 0.2 + 1
+    check(
+        lambda a, b: rms_norm(a, b, 1e-6), lambda a, b: reference.rms_norm_reference(a, b, 1e-6), [x, w], torch.float32
+    )

@@ -37,11 +37,11 @@ class TileConfig:
 
 # Tuned on an H100 for the Qwen3-30B-A3B expert shape (see benchmarks/bench_moe.py); edit to retune.
 CONFIGS: dict[str, TileConfig] = {
-    "up_swiglu": TileConfig(64, 64, 8, 3),
-    "down_scale": TileConfig(128, 64, 8, 3),
-    "down_dgrad_swiglu": TileConfig(64, 64, 8, 3),
-    "up_dgrad": TileConfig(128, 64, 8, 3),
-    "wgrad": TileConfig(128, 64, 8, 3),
+    "up_swiglu": TileConfig(128, 64, 8, 4),
+    "down_scale": TileConfig(128, 64, 4, 3),
+    "down_dgrad_swiglu": TileConfig(64, 64, 8, 4),
+    "up_dgrad": TileConfig(128, 64, 4, 4),
+    "wgrad": TileConfig(128, 64, 8, 4),
 }
 WGRAD_BLOCK_M = 128
 

@@ -16,10 +16,12 @@ from engine.kernels.triton.runtime import next_power_of_2, program_count
 MAX_FUSED_COLUMNS = 65536
 # Backward launch shape, by row width: rows per loop step, warps, and programs per SM of the persistent grid.
 # Tuned on an H100 with ``benchmarks/bench_kernels.py --sweep-rms-norm``.
+# ``two_pass``: dx in one launch of one row block per program, then dw by a column reduction re-reading x and dy.
 BWD_TUNING: dict[str, dict[str, int]] = {
-    "narrow": {"block_m": 32, "num_warps": 4, "programs_per_sm": 2},  # rows of <= 512 columns
-    "wide": {"block_m": 1, "num_warps": 8, "programs_per_sm": 2},
+    "narrow": {"block_m": 32, "num_warps": 4, "programs_per_sm": 2, "two_pass": 0},  # rows of <= 512 columns
+    "wide": {"block_m": 1, "num_warps": 8, "programs_per_sm": 2, "two_pass": 0},
 }
+DW_BLOCK_C, DW_BLOCK_R = 128, 32
 
 
 @triton.jit
@@ -71,7 +73,9 @@ def _rms_norm_bwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GEMMA: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
 ):
+    """dx for every row (persistent loop); with COMPUTE_DW, also this program's fp32 share of dw."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
@@ -87,15 +91,53 @@ def _rms_norm_bwd(
         dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         normed = x * rstd[:, None]
-        if GEMMA:
-            dw += dy * normed
-        else:
-            dw += dy * normed.to(X.dtype.element_ty).to(tl.float32)
+        if COMPUTE_DW:
+            if GEMMA:
+                dw += dy * normed
+            else:
+                dw += dy * normed.to(X.dtype.element_ty).to(tl.float32)
         dnormed = dy * w[None, :]
         dot = tl.sum(dnormed * normed, axis=1) / n_cols
         dx = (dnormed - normed * dot[:, None]) * rstd[:, None]
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_mask)
+    if COMPUTE_DW:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _rms_norm_bwd_dw(
+    X,
+    DY,
+    RSTD,
+    DW_PARTIAL,
+    stride_x,
+    stride_dy,
+    n_rows,
+    n_cols,
+    rows_per_chunk,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    GEMMA: tl.constexpr,
+):
+    """Second pass of the two-pass backward: DW_PARTIAL[chunk, cols] = sum over the chunk's rows of dy * normed."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    chunk = tl.program_id(1)
+    col_mask = cols < n_cols
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    first = chunk * rows_per_chunk
+    last = tl.minimum(first + rows_per_chunk, n_rows)
+    for r0 in range(first, last, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_mask = rows < last
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        normed = x * tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+        if not GEMMA:
+            normed = normed.to(X.dtype.element_ty).to(tl.float32)
+        acc += tl.sum(dy * normed, axis=0)
+    tl.store(DW_PARTIAL + chunk.to(tl.int64) * n_cols + cols, acc, mask=col_mask)
 
 
 @triton.jit
@@ -111,12 +153,12 @@ def _sum_partials(PARTIAL, OUT, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: 
     tl.store(OUT + cols, acc.to(OUT.dtype.element_ty), mask=col_mask)
 
 
-def _bwd_config(n_cols: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, programs_per_sm) for the backward kernel."""
+def _bwd_config(n_cols: int) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, num_warps, programs_per_sm, two_pass) for the backward."""
     block_n = next_power_of_2(n_cols)
     tuning = BWD_TUNING["narrow" if block_n <= 512 else "wide"]
     block_m = max(1, min(tuning["block_m"], 16384 // block_n))
-    return block_m, block_n, tuning["num_warps"], tuning["programs_per_sm"]
+    return block_m, block_n, tuning["num_warps"], tuning["programs_per_sm"], bool(tuning.get("two_pass", 0))
 
 
 def _block_rows(n_cols: int) -> tuple[int, int, int]:
@@ -168,9 +210,14 @@ class TritonRMSNormFunction(torch.autograd.Function):
         if dy2.stride(-1) != 1:
             dy2 = dy2.contiguous()
         dx = torch.empty_like(x2)
-        block_m, block_n, warps, per_sm = _bwd_config(n_cols)
-        programs = max(1, min(program_count(x2.device, per_sm=per_sm), triton.cdiv(n_rows, block_m)))
-        partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)
+        block_m, block_n, warps, per_sm, two_pass = _bwd_config(n_cols)
+        want_dw = ctx.needs_input_grad[1]
+        if two_pass:
+            programs = triton.cdiv(n_rows, block_m)  # one row block each: the loop runs once
+        else:
+            programs = max(1, min(program_count(x2.device, per_sm=per_sm), triton.cdiv(n_rows, block_m)))
+        fused_dw = want_dw and not two_pass
+        partial = torch.empty(programs if fused_dw else 1, n_cols, dtype=torch.float32, device=x2.device)
         _rms_norm_bwd[(programs,)](
             x2,
             weight,
@@ -187,13 +234,37 @@ class TritonRMSNormFunction(torch.autograd.Function):
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             GEMMA=ctx.gemma,
+            COMPUTE_DW=fused_dw,
             num_warps=warps,
         )
         dw = None
-        if ctx.needs_input_grad[1]:
+        if want_dw:
+            if two_pass:
+                col_blocks = triton.cdiv(n_cols, DW_BLOCK_C)
+                chunks = max(1, min(program_count(x2.device, per_sm=per_sm) // col_blocks, n_rows // DW_BLOCK_R))
+                rows_per_chunk = triton.cdiv(triton.cdiv(n_rows, chunks), DW_BLOCK_R) * DW_BLOCK_R
+                chunks = triton.cdiv(n_rows, rows_per_chunk)
+                partial = torch.empty(chunks, n_cols, dtype=torch.float32, device=x2.device)
+                _rms_norm_bwd_dw[(col_blocks, chunks)](
+                    x2,
+                    dy2,
+                    rstd,
+                    partial,
+                    x2.stride(0),
+                    dy2.stride(0),
+                    n_rows,
+                    n_cols,
+                    rows_per_chunk,
+                    BLOCK_R=DW_BLOCK_R,
+                    BLOCK_C=DW_BLOCK_C,
+                    GEMMA=ctx.gemma,
+                    num_warps=4,
+                )
             dw = torch.empty_like(weight)
             block_c = min(256, block_n)
-            _sum_partials[(triton.cdiv(n_cols, block_c),)](partial, dw, programs, n_cols, BLOCK_R=32, BLOCK_C=block_c)
+            _sum_partials[(triton.cdiv(n_cols, block_c),)](
+                partial, dw, partial.shape[0], n_cols, BLOCK_R=32, BLOCK_C=block_c
+            )
         return dx.view(ctx.shape), dw, None, None, None
 
 
