@@ -181,6 +181,24 @@ def graph_ms(fn, leaves, grads) -> float | None:
         return None
 
 
+def profile_rms_norm(dtype) -> None:
+    """Per-kernel CUDA time of one engine RMSNorm fwd+bwd at both benchmark shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for rows, cols in ((16384, 4096), (65536, 128)):
+        _, providers_, leaves, grads = rms_norm_case(rows, cols, dtype)
+        run = fwd_bwd(providers_["engine"], leaves, grads)
+        for _ in range(5):
+            run()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                run()
+            torch.cuda.synchronize()
+        print(f"profile rms_norm {rows}x{cols} (10 fwd+bwd):")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=40))
+
+
 def check_close(name: str, outs: dict[str, object]) -> dict[str, float]:
     ref = outs["hf_eager"]
     ref = ref if isinstance(ref, tuple) else (ref,)
@@ -198,6 +216,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--sweep-rms-norm", action="store_true", help="tune the RMSNorm backward launch first")
+    parser.add_argument("--profile-rms-norm", action="store_true", help="print per-kernel times of engine RMSNorm")
+    parser.add_argument("--only-profile", action="store_true", help="stop after the sweep/profile")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     global LIGER
@@ -206,6 +226,10 @@ def main() -> None:
 
     if args.sweep_rms_norm:
         sweep_rms_norm(dtype)
+    if args.profile_rms_norm:
+        profile_rms_norm(dtype)
+    if args.only_profile:
+        return
     cases = [
         rms_norm_case(16384, 4096, dtype),
         rms_norm_case(65536, 128, dtype),
@@ -227,6 +251,7 @@ def main() -> None:
             print(
                 f"  {name:32s} {provider:14s} fwd {row['fwd_ms']:.3f} ms"
                 + (f"  fwd+bwd {row['fwd_bwd_ms']:.3f} ms" if leaves else "")
+                + (f"  graph {row['graph_ms']:.3f} ms" if row["graph_ms"] else "  graph n/a")
             )
             key = f"{name}\n{'fwd+bwd' if leaves else 'fwd'}"
             plot_groups.setdefault(key, {})[provider] = row.get("fwd_bwd_ms", row["fwd_ms"])
@@ -239,6 +264,12 @@ def main() -> None:
             "engine_ms": rows["engine"][metric],
             "target_ms": TARGETS_MS.get(name),
             **{f"speedup_vs_{p}": rows[p][metric] / rows["engine"][metric] for p in rows if p != "engine"},
+            "engine_graph_ms": rows["engine"]["graph_ms"],
+            **{
+                f"graph_speedup_vs_{p}": r["graph_ms"] / rows["engine"]["graph_ms"]
+                for p, r in rows.items()
+                if p != "engine" and r["graph_ms"] and rows["engine"]["graph_ms"]
+            },
         }
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     payload = {
@@ -252,10 +283,10 @@ def main() -> None:
     print("\nsummary (engine ms, target, speed-up vs others):")
     for name, s in sorted(summary.items()):
         ratios = ", ".join(f"{k[11:]} x{v:.2f}" for k, v in s.items() if k.startswith("speedup_vs_"))
-        print(
-            f"  {name:32s} {s['metric']:10s} {s['engine_ms']:.3f} ms (target {s['target_ms']}) {ratios}"
-            f" | graphed {s['engine_graph_ms']}"
-        )
+        graphed = ", ".join(f"{k[17:]} x{v:.2f}" for k, v in s.items() if k.startswith("graph_speedup_vs_"))
+        print(f"  {name:32s} {s['metric']:10s} {s['engine_ms']:.3f} ms (target {s['target_ms']}) {ratios}")
+        if s["engine_graph_ms"]:
+            print(f"  {'':32s} CUDA graph {s['engine_graph_ms']:.3f} ms: {graphed}")
 
 
 LIGER: dict[str, Callable] | None = None
