@@ -18,8 +18,8 @@ MAX_FUSED_COLUMNS = 65536
 # Tuned on an H100 with ``benchmarks/bench_kernels.py --sweep-rms-norm``.
 # ``two_pass``: dx in one launch of one row block per program, then dw by a column reduction re-reading x and dy.
 BWD_TUNING: dict[str, dict[str, int]] = {
-    "narrow": {"block_m": 32, "num_warps": 4, "programs_per_sm": 2, "two_pass": 0},  # rows of <= 512 columns
-    "wide": {"block_m": 1, "num_warps": 8, "programs_per_sm": 2, "two_pass": 0},
+    "narrow": {"block_m": 8, "num_warps": 4, "programs_per_sm": 8, "two_pass": 0},  # rows of <= 512 columns
+    "wide": {"block_m": 2, "num_warps": 8, "programs_per_sm": 2, "two_pass": 0},
 }
 DW_BLOCK_C, DW_BLOCK_R = 128, 32
 
