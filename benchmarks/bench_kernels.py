@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS_DIR, bar_plot, environment, fwd_bwd, median_ms, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, environment, fwd_bwd, median_ms, write_json  # noqa: E402
+from benchmarks.plots import plot_kernels  # noqa: E402
 from engine.kernels.reference import mrope_axis_table  # noqa: E402
 from engine.kernels.triton.mrope import mrope_cos_sin  # noqa: E402
 from engine.kernels.triton.rms_norm import rms_norm  # noqa: E402
@@ -237,7 +238,7 @@ def main() -> None:
         rope_case(4, 2048, 32, 8, 128, dtype),
         mrope_case(4, 2048, 128, dtype),
     ]
-    records, plot_groups = [], {}
+    records = []
     for name, providers, leaves, grads in cases:
         with torch.no_grad():
             errors = check_close(name, {p: fn() for p, fn in providers.items()})
@@ -253,8 +254,6 @@ def main() -> None:
                 + (f"  fwd+bwd {row['fwd_bwd_ms']:.3f} ms" if leaves else "")
                 + (f"  graph {row['graph_ms']:.3f} ms" if row["graph_ms"] else "  graph n/a")
             )
-            key = f"{name}\n{'fwd+bwd' if leaves else 'fwd'}"
-            plot_groups.setdefault(key, {})[provider] = row.get("fwd_bwd_ms", row["fwd_ms"])
     summary = {}
     for name in {r["case"] for r in records}:
         rows = {r["provider"]: r for r in records if r["case"] == name}
@@ -279,7 +278,7 @@ def main() -> None:
         "records": records,
     }
     write_json(args.out / f"kernels_{gpu}.json", payload)
-    bar_plot(args.out / f"kernels_{gpu}.png", f"kernels on {gpu} ({args.dtype}), lower is better", plot_groups, "ms")
+    plot_kernels(payload, args.out / f"kernels_{gpu}.png")
     print("\nsummary (engine ms, target, speed-up vs others):")
     for name, s in sorted(summary.items()):
         ratios = ", ".join(f"{k[11:]} x{v:.2f}" for k, v in s.items() if k.startswith("speedup_vs_"))

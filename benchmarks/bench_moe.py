@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS_DIR, bar_plot, environment, fwd_bwd, median_ms, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, environment, fwd_bwd, median_ms, write_json  # noqa: E402
+from benchmarks.plots import plot_moe  # noqa: E402
 from engine.kernels.triton import moe as engine_moe  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 768, 128, 8
@@ -128,7 +129,7 @@ def main() -> None:
     module.gate_up_proj.requires_grad_(True)
     if args.sweep:
         sweep(module, args.tokens[0], dtype)
-    records, groups, errors = [], {}, {}
+    records, errors = [], {}
     for tokens in args.tokens:
         fns, leaves, grad = providers(module, tokens, dtype)
         ref = reference_grads(leaves, grad, routing(tokens, dtype)[0])
@@ -142,8 +143,6 @@ def main() -> None:
                 "fwd_bwd_ms": median_ms(fwd_bwd(fn, leaves, [grad])),
             }
             records.append(row)
-            groups.setdefault(f"T={tokens} fwd+bwd", {})[name] = row["fwd_bwd_ms"]
-            groups.setdefault(f"T={tokens} fwd", {})[name] = row["fwd_ms"]
             errs = ", ".join(f"{k} {v:.1e}" for k, v in errors[tokens][name].items())
             print(
                 f"  T={tokens:6d} {name:24s} fwd {row['fwd_ms']:.3f} ms  fwd+bwd {row['fwd_bwd_ms']:.3f} ms"
@@ -161,24 +160,22 @@ def main() -> None:
         }
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     configs = {k: vars(v) for k, v in engine_moe.CONFIGS.items()}
-    write_json(
-        args.out / f"moe_{gpu}.json",
-        {
-            "environment": environment(),
-            "shape": {
-                "hidden": HIDDEN,
-                "moe_intermediate": INTER,
-                "experts": EXPERTS,
-                "top_k": TOP_K,
-                "dtype": "bfloat16",
-            },
-            "engine_tile_configs": configs,
-            "summary": summary,
-            "errors_vs_fp32": errors,
-            "records": records,
+    payload = {
+        "environment": environment(),
+        "shape": {
+            "hidden": HIDDEN,
+            "moe_intermediate": INTER,
+            "experts": EXPERTS,
+            "top_k": TOP_K,
+            "dtype": "bfloat16",
         },
-    )
-    bar_plot(args.out / f"moe_{gpu}.png", f"Qwen3-30B-A3B experts on {gpu} (bf16), lower is better", groups, "ms")
+        "engine_tile_configs": configs,
+        "summary": summary,
+        "errors_vs_fp32": errors,
+        "records": records,
+    }
+    write_json(args.out / f"moe_{gpu}.json", payload)
+    plot_moe(payload, args.out / f"moe_{gpu}.png")
     print("\nsummary:", summary)
 
 

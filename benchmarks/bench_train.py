@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine  # noqa: E402
-from benchmarks.common import RESULTS_DIR, bar_plot, environment, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, environment, write_json  # noqa: E402
+from benchmarks.plots import plot_train  # noqa: E402
 
 ROPE = {"rope_type": "default", "rope_theta": 1_000_000.0}
 
@@ -139,16 +140,9 @@ def main() -> None:
         }
         print(f"{name}: {summary[name]}")
     gpu = torch.cuda.get_device_name().replace(" ", "_")
-    write_json(
-        args.out / f"train_{gpu}.json",
-        {"environment": environment(), "batch": args.batch, "seq": args.seq, "summary": summary, "runs": results},
-    )
-    groups = {f"{n}\nms/step": {"baseline": s["baseline_ms"], "engine": s["engine_ms"]} for n, s in summary.items()}
-    groups |= {
-        f"{n}\npeak GiB": {"baseline": s["baseline_peak_gib"], "engine": s["engine_peak_gib"]}
-        for n, s in summary.items()
-    }
-    bar_plot(args.out / f"train_{gpu}.png", f"training step B{args.batch}xT{args.seq} on {gpu}", groups, "ms / GiB")
+    payload = {"environment": environment(), "batch": args.batch, "seq": args.seq, "summary": summary, "runs": results}
+    write_json(args.out / f"train_{gpu}.json", payload)
+    plot_train(payload, args.out / f"train_{gpu}.png")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
-def bar_plot(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: str) -> None:
+def bar_plot(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: str, log: bool = False) -> None:
     """One group of bars per case (e.g. an op and mode), one bar per provider."""
     import matplotlib
 
@@ -70,7 +70,7 @@ def bar_plot(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel
     import matplotlib.pyplot as plt
 
     providers = sorted({p for values in groups.values() for p in values})
-    fig, ax = plt.subplots(figsize=(max(8, 1.8 * len(groups)), 4.8))
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 5.2))
     width = 0.8 / max(1, len(providers))
     for i, provider in enumerate(providers):
         xs = [g + i * width for g in range(len(groups))]
@@ -78,8 +78,10 @@ def bar_plot(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel
         bars = ax.bar(xs, ys, width, label=provider)
         ax.bar_label(bars, labels=[f"{y:.2f}" if y else "" for y in ys], fontsize=6, rotation=90, padding=2)
     ax.set_xticks([g + width * (len(providers) - 1) / 2 for g in range(len(groups))])
-    ax.set_xticklabels(list(groups), fontsize=8)
-    ax.set_ylabel(ylabel)
+    ax.set_xticklabels(list(groups), fontsize=7, rotation=20, ha="right")
+    ax.set_ylabel(ylabel + (" (log scale)" if log else ""))
+    if log:
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
