@@ -88,6 +88,9 @@ def _resolve_function(path: str) -> tuple[ModuleType, str, Callable[..., Any]] |
     return module, attr, fn
 
 
+Outcome = tuple[PlannedPatch | None, list[SkippedItem]]  # a patch (or none) and what was skipped, with reasons
+
+
 class Planner:
     """Builds a :class:`Plan` for one model on one device."""
 
@@ -103,23 +106,16 @@ class Planner:
             for entry in spec.entries:
                 if only_kernel is not None and entry.kernel != only_kernel.type:
                     continue
-                outcome = self._plan_entry(spec, entry, only_kernel)
-                if isinstance(outcome, tuple):
-                    patch, notes = outcome
+                patch, notes = self._plan_entry(spec, entry, only_kernel)
+                if patch is not None:
                     plan.patches.append(patch)
-                    plan.skipped += notes
-                elif isinstance(outcome, PlannedPatch):
-                    plan.patches.append(outcome)
-                else:
-                    plan.skipped += outcome
+                plan.skipped += notes
         return plan
 
-    def _skip(self, spec: KernelSpec, entry: SpecEntry, reason: str) -> list[SkippedItem]:
-        return [SkippedItem(spec.name, entry.name, entry.target.label, reason)]
+    def _skip(self, spec: KernelSpec, entry: SpecEntry, reason: str, notes: list[SkippedItem] | None = None) -> Outcome:
+        return None, [*(notes or []), SkippedItem(spec.name, entry.name, entry.target.label, reason)]
 
-    def _plan_entry(
-        self, spec: KernelSpec, entry: SpecEntry, only_kernel: type[Kernel] | None
-    ) -> PlannedPatch | tuple[PlannedPatch, list[SkippedItem]] | list[SkippedItem]:
+    def _plan_entry(self, spec: KernelSpec, entry: SpecEntry, only_kernel: type[Kernel] | None) -> Outcome:
         if not entry.auto_register and not self.include_manual:
             return self._skip(
                 spec,
@@ -160,9 +156,7 @@ class Planner:
             problem = kernel.kernel_type().probe(target, options)
         return problem
 
-    def _plan_function(
-        self, spec: KernelSpec, entry: SpecEntry, kernel: type[Kernel], options: BaseModel
-    ) -> PlannedPatch | list[SkippedItem]:
+    def _plan_function(self, spec: KernelSpec, entry: SpecEntry, kernel: type[Kernel], options: BaseModel) -> Outcome:
         resolved = _resolve_function(entry.target.function or "")
         if isinstance(resolved, str):
             return self._skip(spec, entry, resolved)
@@ -175,22 +169,20 @@ class Planner:
             problem = self._target_problem(kernel, fn, options)
             if problem:
                 return self._skip(spec, entry, problem)
-        return PlannedPatch(spec.name, entry, kernel, options, function=(module, attr, fn))
+        return PlannedPatch(spec.name, entry, kernel, options, function=(module, attr, fn)), []
 
-    def _plan_modules(
-        self, spec: KernelSpec, entry: SpecEntry, kernel: type[Kernel], options: BaseModel
-    ) -> PlannedPatch | tuple[PlannedPatch, list[SkippedItem]] | list[SkippedItem]:
+    def _plan_modules(self, spec: KernelSpec, entry: SpecEntry, kernel: type[Kernel], options: BaseModel) -> Outcome:
         wanted = entry.target.module_class or ""
         found = [(n, m) for n, m in self.model.named_modules() if _class_matches(m, wanted)]
         if not found:
             return self._skip(spec, entry, f"model has no {wanted} modules")
         fresh = [(n, m) for n, m in found if patched_kernel_of(m.__dict__.get("forward")) is None]
-        skipped: list[SkippedItem] = []
+        notes: list[SkippedItem] = []
         if len(fresh) < len(found):
-            skipped += self._skip(spec, entry, f"{len(found) - len(fresh)} module(s) already patched; left as they are")
+            _, notes = self._skip(spec, entry, f"{len(found) - len(fresh)} module(s) already patched; left as they are")
         if not fresh:
-            return skipped
+            return None, notes
         problem = self._target_problem(kernel, fresh[0][1], options)
         if problem:
-            return skipped + self._skip(spec, entry, problem)
-        return PlannedPatch(spec.name, entry, kernel, options, modules=fresh), skipped
+            return self._skip(spec, entry, problem, notes)
+        return PlannedPatch(spec.name, entry, kernel, options, modules=fresh), notes

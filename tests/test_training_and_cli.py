@@ -55,3 +55,10 @@ def test_cli_validate_list_plan_schema(capsys, tmp_path):
 def test_cli_verify_with_standin(capsys):
     assert main(["verify", "qwen3", "--device", "npu", "--standin"]) == 0
     assert capsys.readouterr().out.startswith("PASS qwen3 on npu")
+
+
+def test_cli_plan_from_config_on_meta_weights(tmp_path, capsys, npu_standin):
+    tiny_models.build("qwen3_moe").config.save_pretrained(tmp_path)
+    assert main(["plan", "--config", str(tmp_path), "--device", "npu", "--manual", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {p["entry"] for p in data["patched"]} == {"rms_norm", "swiglu", "rope", "fused_moe"}
