@@ -47,6 +47,14 @@ WGRAD_BLOCK_M = 128
 
 
 @triton.jit
+def _source_rows(SRC, rows, mask, GATHER: tl.constexpr):
+    """int64 row indices: ``SRC[rows]`` when gathering, else ``rows`` themselves."""
+    if GATHER:
+        return tl.load(SRC + rows, mask=mask, other=0).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.jit
 def _row_gemm(
     A,
     B,
@@ -89,10 +97,7 @@ def _row_gemm(
     row_end = tl.load(EXPERT_END + expert)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
-    if GATHER_A:
-        src = tl.load(ROW_SRC + rows, mask=row_mask, other=0).to(tl.int64)
-    else:
-        src = rows.to(tl.int64)
+    src = _source_rows(ROW_SRC, rows, row_mask, GATHER_A)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_out
     ks = tl.arange(0, BLOCK_K)
@@ -191,14 +196,8 @@ def _expert_wgrad(
     for r0 in range(start, end, BLOCK_K):
         rows = r0 + ks
         r_mask = rows < end
-        if GATHER_X:
-            xr = tl.load(X_SRC + rows, mask=r_mask, other=0).to(tl.int64)
-        else:
-            xr = rows.to(tl.int64)
-        if GATHER_Y:
-            yr = tl.load(Y_SRC + rows, mask=r_mask, other=0).to(tl.int64)
-        else:
-            yr = rows.to(tl.int64)
+        xr = _source_rows(X_SRC, rows, r_mask, GATHER_X)
+        yr = _source_rows(Y_SRC, rows, r_mask, GATHER_Y)
         x = tl.load(
             X + xr[None, :] * stride_xr + ms[:, None] * stride_xc, mask=m_mask[:, None] & r_mask[None, :], other=0.0
         )
