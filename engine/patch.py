@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("engine")
 _KERNEL_ATTR = "__engine_kernel__"
-_ORIGINAL_ATTR = "__engine_original__"
 _LOCK = threading.RLock()
 
 
@@ -105,7 +104,6 @@ def _make_function(kernel: type[Kernel], options: Any, original: Callable[..., A
         return original(*args, **kwargs)
 
     setattr(replacement, _KERNEL_ATTR, kernel)
-    setattr(replacement, _ORIGINAL_ATTR, original)
     return replacement
 
 
