@@ -25,6 +25,14 @@ DW_BLOCK_C, DW_BLOCK_R = 128, 32
 
 
 @triton.jit
+def _weight_grad_term(dy, normed, x_dtype: tl.constexpr, GEMMA: tl.constexpr):
+    """dy * normed as transformers sees it: llama casting rounds normed to the input dtype first."""
+    if GEMMA:
+        return dy * normed
+    return dy * normed.to(x_dtype).to(tl.float32)
+
+
+@triton.jit
 def _rms_norm_fwd(
     X,
     W,
@@ -92,10 +100,7 @@ def _rms_norm_bwd(
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         normed = x * rstd[:, None]
         if COMPUTE_DW:
-            if GEMMA:
-                dw += dy * normed
-            else:
-                dw += dy * normed.to(X.dtype.element_ty).to(tl.float32)
+            dw += _weight_grad_term(dy, normed, X.dtype.element_ty, GEMMA)
         dnormed = dy * w[None, :]
         dot = tl.sum(dnormed * normed, axis=1) / n_cols
         dx = (dnormed - normed * dot[:, None]) * rstd[:, None]
@@ -134,9 +139,7 @@ def _rms_norm_bwd_dw(
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         normed = x * tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
-        if not GEMMA:
-            normed = normed.to(X.dtype.element_ty).to(tl.float32)
-        acc += tl.sum(dy * normed, axis=0)
+        acc += tl.sum(_weight_grad_term(dy, normed, X.dtype.element_ty, GEMMA), axis=0)
     tl.store(DW_PARTIAL + chunk.to(tl.int64) * n_cols + cols, acc, mask=col_mask)
 
 
