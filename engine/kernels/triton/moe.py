@@ -19,6 +19,7 @@ import triton.language as tl
 
 from engine.kernels.triton.moe_routing import Routing, choose_block_m, route
 from engine.kernels.triton.runtime import interpreting, next_power_of_2
+from engine.kernels.triton.swiglu import silu_mul, silu_mul_backward
 
 # Epilogue selectors: host-side ints, and the same values as constexpr globals for use inside kernels.
 PLAIN, SCALE_ROWS, SWIGLU_FWD, SWIGLU_BWD = 0, 1, 2, 3
@@ -130,8 +131,8 @@ def _row_gemm(
         g_ptrs = GATE_UP + rows64[:, None] * stride_gm + cols[None, :]
         tl.store(g_ptrs, gate, mask=out_mask)
         tl.store(g_ptrs + half_n, up, mask=out_mask)
-        g = gate.to(tl.float32)
-        tl.store(c_ptrs, (g * tl.sigmoid(g) * up.to(tl.float32)).to(C.dtype.element_ty), mask=out_mask)
+        act = silu_mul(gate.to(tl.float32), up.to(tl.float32))
+        tl.store(c_ptrs, act.to(C.dtype.element_ty), mask=out_mask)
     elif EPILOGUE == _SCALE_ROWS:
         scale = tl.load(ROW_SCALE + rows, mask=row_mask, other=0.0)
         tl.store(c_ptrs, (acc * scale[:, None]).to(C.dtype.element_ty), mask=out_mask)
@@ -139,14 +140,12 @@ def _row_gemm(
         g_ptrs = GATE_UP + rows64[:, None] * stride_gm + cols[None, :]
         g = tl.load(g_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         u = tl.load(g_ptrs + half_n, mask=out_mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(g)
-        silu = g * sig
-        act = (silu * u).to(C.dtype.element_ty).to(tl.float32)
+        act = silu_mul(g, u).to(C.dtype.element_ty).to(tl.float32)  # the activation as stored in forward
         tl.atomic_add(DW + rows, tl.sum(acc * act, axis=1), mask=row_mask)
         scale = tl.load(ROW_SCALE + rows, mask=row_mask, other=0.0)
-        d_act = acc * scale[:, None]
-        tl.store(c_ptrs, (d_act * u * sig * (1.0 + g * (1.0 - sig))).to(C.dtype.element_ty), mask=out_mask)
-        tl.store(c_ptrs + half_n, (d_act * silu).to(C.dtype.element_ty), mask=out_mask)
+        d_gate, d_up = silu_mul_backward(g, u, acc * scale[:, None])
+        tl.store(c_ptrs, d_gate.to(C.dtype.element_ty), mask=out_mask)
+        tl.store(c_ptrs + half_n, d_up.to(C.dtype.element_ty), mask=out_mask)
     else:
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=out_mask)
 
@@ -156,8 +155,7 @@ def _expert_wgrad(
     X,
     Y,
     DW,
-    X_SRC,
-    Y_SRC,
+    ROW_SRC,
     X_SCALE,
     EXPERT_START,
     EXPERT_END,
@@ -196,8 +194,8 @@ def _expert_wgrad(
     for r0 in range(start, end, BLOCK_K):
         rows = r0 + ks
         r_mask = rows < end
-        xr = _source_rows(X_SRC, rows, r_mask, GATHER_X)
-        yr = _source_rows(Y_SRC, rows, r_mask, GATHER_Y)
+        xr = _source_rows(ROW_SRC, rows, r_mask, GATHER_X)
+        yr = _source_rows(ROW_SRC, rows, r_mask, GATHER_Y)
         x = tl.load(
             X + xr[None, :] * stride_xr + ms[:, None] * stride_xc, mask=m_mask[:, None] & r_mask[None, :], other=0.0
         )
@@ -302,7 +300,6 @@ def _wgrad_launch(routing: Routing, x, y, dw, *, gather_x=False, scale_x=None, g
         x,
         y,
         dw,
-        routing.token_of_row,
         routing.token_of_row,
         scale_x if scale_x is not None else dw,
         routing.expert_start,

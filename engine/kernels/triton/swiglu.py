@@ -10,13 +10,25 @@ BLOCK = 2048
 
 
 @triton.jit
+def silu_mul(a, b):
+    """silu(a) * b in the inputs' precision (callers pass fp32)."""
+    return a * tl.sigmoid(a) * b
+
+
+@triton.jit
+def silu_mul_backward(a, b, dc):
+    """Gradients of silu(a) * b with respect to a and b, given the output gradient dc."""
+    sig = tl.sigmoid(a)
+    return dc * b * sig * (1.0 + a * (1.0 - sig)), dc * a * sig
+
+
+@triton.jit
 def _swiglu_fwd(A, B, C, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
-    c = a * tl.sigmoid(a) * b
-    tl.store(C + offs, c.to(C.dtype.element_ty), mask=mask)
+    tl.store(C + offs, silu_mul(a, b).to(C.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -26,10 +38,9 @@ def _swiglu_bwd(A, B, DC, DA, DB, n, BLOCK: tl.constexpr):
     a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
     dc = tl.load(DC + offs, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(a)
-    silu = a * sig
-    tl.store(DA + offs, (dc * b * sig * (1.0 + a * (1.0 - sig))).to(DA.dtype.element_ty), mask=mask)
-    tl.store(DB + offs, (dc * silu).to(DB.dtype.element_ty), mask=mask)
+    da, db = silu_mul_backward(a, b, dc)
+    tl.store(DA + offs, da.to(DA.dtype.element_ty), mask=mask)
+    tl.store(DB + offs, db.to(DB.dtype.element_ty), mask=mask)
 
 
 class TritonSwiGLUFunction(torch.autograd.Function):
