@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.triton.launch import launch
 from engine.kernels.triton.moe_routing import Routing, choose_block_m, route
 from engine.kernels.triton.runtime import interpreting, next_power_of_2
 from engine.kernels.triton.swiglu import silu_mul, silu_mul_backward
@@ -257,7 +258,9 @@ def _row_gemm_launch(
     block_n, block_k = _fit(cfg.block_n, n_out), _fit(cfg.block_k, kd)
     grid = (routing.max_tiles * triton.cdiv(n_out, block_n),)
     dummy = c
-    _row_gemm[grid](
+    launch(
+        _row_gemm,
+        grid,
         a,
         b_view,
         c,
@@ -296,7 +299,9 @@ def _wgrad_launch(routing: Routing, x, y, dw, *, gather_x=False, scale_x=None, g
     experts, m_dim, n_dim = dw.shape
     block_m, block_n = _fit(WGRAD_BLOCK_M, m_dim), _fit(cfg.block_n, n_dim)
     grid = (experts * triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n),)
-    _expert_wgrad[grid](
+    launch(
+        _expert_wgrad,
+        grid,
         x,
         y,
         dw,
@@ -329,8 +334,18 @@ def _gather_sum_launch(src: torch.Tensor, inverse: torch.Tensor, tokens: int, to
     hidden = src.shape[1]
     out = torch.empty(tokens, hidden, dtype=dtype, device=src.device)
     block_h = min(1024, next_power_of_2(hidden))
-    _gather_sum[(tokens, triton.cdiv(hidden, block_h))](
-        src, out, inverse, top_k, hidden, src.stride(0), out.stride(0), BLOCK_H=block_h, num_warps=4
+    launch(
+        _gather_sum,
+        (tokens, triton.cdiv(hidden, block_h)),
+        src,
+        out,
+        inverse,
+        top_k,
+        hidden,
+        src.stride(0),
+        out.stride(0),
+        BLOCK_H=block_h,
+        num_warps=4,
     )
     return out
 

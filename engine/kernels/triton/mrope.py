@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.triton.launch import launch
 from engine.kernels.triton.runtime import next_power_of_2
 
 
@@ -66,7 +67,9 @@ def mrope_cos_sin(
     sin = torch.empty_like(cos)
     n_rows = batch * seq
     block_t = 16
-    _mrope_cos_sin[(triton.cdiv(n_rows, block_t),)](
+    launch(
+        _mrope_cos_sin,
+        (triton.cdiv(n_rows, block_t),),
         pos,
         inv_freq,
         axis_table,

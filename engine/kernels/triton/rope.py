@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.triton.launch import launch
 from engine.kernels.triton.runtime import next_power_of_2
 
 
@@ -150,7 +151,9 @@ def _launch(q, k, cos, sin, q_out, k_out, backward: bool) -> None:
     batch, n_q, seq, dim = q.shape
     n_k = k.shape[1]
     half = dim // 2
-    _rope_kernel[(batch * seq,)](
+    launch(
+        _rope_kernel,
+        (batch * seq,),
         q,
         k,
         q_out,
@@ -175,14 +178,19 @@ def _launch(q, k, cos, sin, q_out, k_out, backward: bool) -> None:
     )
 
 
+def _rotate(q, k, cos, sin, out_dtype):
+    q_out = torch.empty_like(q, dtype=out_dtype)
+    k_out = torch.empty_like(k, dtype=out_dtype)
+    _launch(q, k, cos, sin, q_out, k_out, backward=False)
+    return q_out, k_out
+
+
 class TritonRoPEFunction(torch.autograd.Function):
     """q: [B, Hq, S, D], k: [B, Hk, S, D] (any strides), cos/sin: [B or 1, S, D]."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, out_dtype):
-        q_out = torch.empty_like(q, dtype=out_dtype)
-        k_out = torch.empty_like(k, dtype=out_dtype)
-        _launch(q, k, cos, sin, q_out, k_out, backward=False)
+        q_out, k_out = _rotate(q, k, cos, sin, out_dtype)
         ctx.save_for_backward(cos, sin)
         ctx.dtypes = (q.dtype, k.dtype)
         return q_out, k_out
@@ -204,4 +212,6 @@ def rope(
     out_dtype: torch.dtype | None = None,
 ):
     """Rotate q [B, Hq, S, D] and k [B, Hk, S, D] by cos/sin [B or 1, S, D] in one launch."""
-    return TritonRoPEFunction.apply(q, k, cos, sin, out_dtype or q.dtype)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return TritonRoPEFunction.apply(q, k, cos, sin, out_dtype or q.dtype)
+    return _rotate(q, k, cos, sin, out_dtype or q.dtype)

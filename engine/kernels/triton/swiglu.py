@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.triton.launch import launch
+
 BLOCK = 2048
 
 
@@ -43,13 +45,19 @@ def _swiglu_bwd(A, B, DC, DA, DB, n, BLOCK: tl.constexpr):
     tl.store(DB + offs, db.to(DB.dtype.element_ty), mask=mask)
 
 
+def _forward(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed gate, packed up, silu(gate) * up)."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    launch(_swiglu_fwd, (triton.cdiv(n, BLOCK),), gate, up, out, n, BLOCK=BLOCK, num_warps=8)
+    return gate, up, out
+
+
 class TritonSwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        gate_c, up_c = gate.contiguous(), up.contiguous()
-        out = torch.empty_like(gate_c)
-        n = gate_c.numel()
-        _swiglu_fwd[(triton.cdiv(n, BLOCK),)](gate_c, up_c, out, n, BLOCK=BLOCK, num_warps=8)
+        gate_c, up_c, out = _forward(gate, up)
         ctx.save_for_backward(gate_c, up_c)
         return out
 
@@ -59,10 +67,12 @@ class TritonSwiGLUFunction(torch.autograd.Function):
         dout = dout.contiguous()
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
-        _swiglu_bwd[(triton.cdiv(n, BLOCK),)](gate, up, dout, dgate, dup, n, BLOCK=BLOCK, num_warps=8)
+        launch(_swiglu_bwd, (triton.cdiv(n, BLOCK),), gate, up, dout, dgate, dup, n, BLOCK=BLOCK, num_warps=8)
         return dgate, dup
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` with autograd; gate and up must have the same shape and dtype."""
-    return TritonSwiGLUFunction.apply(gate, up)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return TritonSwiGLUFunction.apply(gate, up)
+    return _forward(gate, up)[2]
