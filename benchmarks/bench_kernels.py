@@ -2,8 +2,11 @@
 
     python benchmarks/bench_kernels.py [--out benchmarks/results] [--dtype bfloat16]
 
-Times forward and forward+backward (median of CUDA events, L2 flushed) and checks each provider's output
-against HF eager first. Writes kernels_<gpu>.json and kernels_<gpu>.png.
+Times forward and forward+backward (median of CUDA events, L2 flushed), the host time one fwd+bwd call
+takes to enqueue, and the same work replayed from a CUDA graph (launch overhead removed); checks each
+provider's output against HF eager first. Eager timings run in interleaved rounds (--rounds, all providers
+in each) and the best round is reported; every round is kept in the JSON.
+Writes kernels_<gpu>.json and kernels_<gpu>.png.
 """
 
 from __future__ import annotations
@@ -131,7 +134,11 @@ def mrope_case(batch: int, seq: int, dim: int, dtype):
 
 
 def sweep_rms_norm(dtype) -> dict[str, dict[str, int]]:
-    """Pick the RMSNorm backward launch shape (rows per step, warps, programs per SM) by timing fwd+bwd."""
+    """Pick the RMSNorm backward launch shape (rows per step, warps, programs per SM) by the GPU time of fwd+bwd.
+
+    GPU time (CUDA-graph replay), not eager time: the launch shape changes only the former, and eager timings of
+    the narrow case are host-bound.
+    """
     import itertools
 
     from engine.kernels.triton import rms_norm as module
@@ -139,24 +146,20 @@ def sweep_rms_norm(dtype) -> dict[str, dict[str, int]]:
     shapes = ((16384, 4096, "wide", (1, 2, 4), (8, 16)), (65536, 128, "narrow", (8, 16, 32, 64), (4, 8)))
     for rows, cols, key, block_ms, warp_choices in shapes:
         _, providers_, leaves, grads = rms_norm_case(rows, cols, dtype)
-        run = fwd_bwd(providers_["engine"], leaves, grads)
         best = None
         for two_pass, block_m, warps, per_sm in itertools.product((0, 1), block_ms, warp_choices, (2, 4, 8)):
-            module.BWD_TUNING[key] = {
-                "block_m": block_m,
-                "num_warps": warps,
-                "programs_per_sm": per_sm,
-                "two_pass": two_pass,
-            }
-            ms = median_ms(run, warmup_ms=25, rep_ms=100)
-            if best is None or ms < best[0]:
+            module.set_bwd_tuning(
+                key, {"block_m": block_m, "num_warps": warps, "programs_per_sm": per_sm, "two_pass": two_pass}
+            )
+            ms = graph_ms(providers_["engine"], leaves, grads, rep_ms=100)
+            if ms is not None and (best is None or ms < best[0]):
                 best = (ms, dict(module.BWD_TUNING[key]))
-        module.BWD_TUNING[key] = best[1]
-        print(f"  sweep rms_norm {rows}x{cols}: best {best[1]} -> fwd+bwd {best[0]:.3f} ms")
+        module.set_bwd_tuning(key, best[1])
+        print(f"  sweep rms_norm {rows}x{cols}: best {best[1]} -> fwd+bwd GPU time {best[0]:.3f} ms")
     return module.BWD_TUNING
 
 
-def graph_ms(fn, leaves, grads) -> float | None:
+def graph_ms(fn, leaves, grads, rep_ms: int = 500) -> float | None:
     """GPU time alone: fwd (+bwd through autograd.grad) captured in a CUDA graph, replays timed."""
 
     def step():
@@ -176,7 +179,7 @@ def graph_ms(fn, leaves, grads) -> float | None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        return median_ms(graph.replay)
+        return median_ms(graph.replay, rep_ms=rep_ms)
     except Exception as exc:  # a provider that cannot be captured is reported as such
         print(f"    (not graph-capturable: {type(exc).__name__}: {str(exc)[:80]})")
         return None
@@ -200,6 +203,21 @@ def profile_rms_norm(dtype) -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=40))
 
 
+def host_ms(fn, calls: int = 200) -> float:
+    """Host time per call to enqueue the work (no synchronisation inside the loop)."""
+    import time
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e3
+
+
 def check_close(name: str, outs: dict[str, object]) -> dict[str, float]:
     ref = outs["hf_eager"]
     ref = ref if isinstance(ref, tuple) else (ref,)
@@ -219,6 +237,7 @@ def main() -> None:
     parser.add_argument("--sweep-rms-norm", action="store_true", help="tune the RMSNorm backward launch first")
     parser.add_argument("--profile-rms-norm", action="store_true", help="print per-kernel times of engine RMSNorm")
     parser.add_argument("--only-profile", action="store_true", help="stop after the sweep/profile")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best is reported")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     global LIGER
@@ -242,17 +261,31 @@ def main() -> None:
     for name, providers, leaves, grads in cases:
         with torch.no_grad():
             errors = check_close(name, {p: fn() for p, fn in providers.items()})
+        case_rows = {}
         for provider, fn in providers.items():
             row = {"case": name, "provider": provider, "dtype": args.dtype, "max_rel_error_vs_hf": errors[provider]}
-            row["fwd_ms"] = median_ms(fn)
-            if leaves:
-                row["fwd_bwd_ms"] = median_ms(fwd_bwd(fn, leaves, grads))
             row["graph_ms"] = graph_ms(fn, leaves, grads)  # same work (fwd or fwd+bwd), launch overhead removed
+            case_rows[provider] = row
+        # Eager timings are host-bound for the small ops, and the host's speed drifts; rounds interleave the
+        # providers so each gets the same conditions, and the best round (each a median) is reported.
+        for _ in range(args.rounds):
+            for provider, fn in providers.items():
+                row = case_rows[provider]
+                row.setdefault("fwd_ms_rounds", []).append(median_ms(fn, warmup_ms=50, rep_ms=200))
+                if leaves:
+                    run = fwd_bwd(fn, leaves, grads)
+                    row.setdefault("fwd_bwd_ms_rounds", []).append(median_ms(run, warmup_ms=50, rep_ms=200))
+                    row.setdefault("fwd_bwd_host_ms_rounds", []).append(host_ms(run))
+        for provider, row in case_rows.items():
+            for key in ("fwd_ms", "fwd_bwd_ms", "fwd_bwd_host_ms"):
+                if f"{key}_rounds" in row:
+                    row[key] = min(row[f"{key}_rounds"])
             records.append(row)
             print(
                 f"  {name:32s} {provider:14s} fwd {row['fwd_ms']:.3f} ms"
-                + (f"  fwd+bwd {row['fwd_bwd_ms']:.3f} ms" if leaves else "")
+                + (f"  fwd+bwd {row['fwd_bwd_ms']:.3f} ms (host {row['fwd_bwd_host_ms']:.3f})" if leaves else "")
                 + (f"  graph {row['graph_ms']:.3f} ms" if row["graph_ms"] else "  graph n/a")
+                + (f"  rounds {', '.join(f'{v:.3f}' for v in row['fwd_bwd_ms_rounds'])}" if leaves else "")
             )
     summary = {}
     for name in {r["case"] for r in records}:

@@ -1,66 +1,157 @@
-"""CPU cost per call (microseconds of host time to enqueue) of the RMSNorm paths: finds launch-bound cases.
+"""Host time of one forward+backward, split where it goes: finds launch-bound cases (run on a GPU).
 
-python benchmarks/launch_overhead.py
+    python benchmarks/launch_overhead.py [--out benchmarks/results]
+
+Per call, medians over a few hundred calls with no synchronisation in the loop:
+``fwd`` (the forward call), ``handoff`` (``backward()`` entered until the op's backward starts, on autograd's
+device thread), ``bwd`` (the op's backward body), ``return`` (until ``backward()`` returns), ``total``.
+The split needs a Python backward (engine, Liger); for F.rms_norm only fwd and total are known.
+Also times one bare launch of the RMSNorm forward kernel through ``kernel[grid]`` and through engine's handle cache.
 """
 
 from __future__ import annotations
 
+import argparse
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS_DIR, environment, write_json  # noqa: E402
 from engine.kernels.triton import rms_norm as rn  # noqa: E402
+from engine.kernels.triton.launch import fast_launch, launch  # noqa: E402
+from engine.kernels.triton.rope import TritonRoPEFunction, rope  # noqa: E402
+from engine.kernels.triton.swiglu import TritonSwiGLUFunction, swiglu  # noqa: E402
+
+_marks: dict[str, int] = {}
 
 
-def host_us(fn, n: int = 300) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / n * 1e6
+def _instrument(function_class) -> Callable[[], None]:
+    """Wrap an autograd.Function's backward to stamp its start and end; returns the undo."""
+    original = function_class.backward
+
+    def timed(ctx, *grads):
+        _marks["in"] = time.perf_counter_ns()
+        result = original(ctx, *grads)
+        _marks["out"] = time.perf_counter_ns()
+        return result
+
+    function_class.backward = staticmethod(timed)
+    return lambda: setattr(function_class, "backward", staticmethod(original))
+
+
+def split_host_us(fn, leaves, grads, function_class=None, calls: int = 300) -> dict[str, float]:
+    undo = _instrument(function_class) if function_class else (lambda: None)
+    rows = []
+    try:
+        for i in range(calls + 30):
+            for t in leaves:
+                t.grad = None
+            _marks.clear()
+            t0 = time.perf_counter_ns()
+            out = fn()
+            t1 = time.perf_counter_ns()
+            torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
+            t2 = time.perf_counter_ns()
+            if i >= 30:
+                row = {"fwd": t1 - t0, "total": t2 - t0}
+                if _marks:
+                    row.update(handoff=_marks["in"] - t1, bwd=_marks["out"] - _marks["in"], ret=t2 - _marks["out"])
+                rows.append(row)
+        torch.cuda.synchronize()
+    finally:
+        undo()
+    return {k: statistics.median(r[k] for r in rows) / 1e3 for k in rows[0]}
+
+
+def bare_launch_us(calls: int = 500) -> dict[str, float]:
+    rows, cols = 65536, 128
+    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(cols, device="cuda", dtype=torch.bfloat16)
+    y, rstd = torch.empty_like(x), torch.empty(rows, device="cuda")
+    args = (x, w, y, rstd, cols, cols, rows, cols, 1e-6, 0.0)
+    meta = {"BLOCK_M": 32, "BLOCK_N": 128, "GEMMA": False, "num_warps": 4}
+    grid = (rows // 32,)
+    paths = {
+        "kernel[grid]": lambda: rn._rms_norm_fwd[grid](*args, **meta),
+        "engine launch (handle cache)": lambda: launch(rn._rms_norm_fwd, grid, *args, **meta),
+    }
+    result = {}
+    with fast_launch(True):
+        for name, run in paths.items():
+            for _ in range(30):
+                run()
+            torch.cuda.synchronize()
+            start = time.perf_counter_ns()
+            for _ in range(calls):
+                run()
+            result[name] = (time.perf_counter_ns() - start) / calls / 1e3
+            torch.cuda.synchronize()
+    return result
+
+
+def cases():
+    dtype = torch.bfloat16
+    liger = {}
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.ops.rope import LigerRopeFunction
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        liger = {"rms": LigerRMSNormFunction, "rope": LigerRopeFunction, "swiglu": LigerSiLUMulFunction}
+    except Exception as exc:
+        print(f"liger-kernel unavailable: {exc}")
+    for rows, cols in ((65536, 128), (16384, 4096)):
+        x = torch.randn(rows, cols, device="cuda", dtype=dtype, requires_grad=True)
+        w = torch.ones(cols, device="cuda", dtype=dtype, requires_grad=True)
+        providers = {
+            "engine": (lambda x=x, w=w: rn.rms_norm(x, w, 1e-6), rn.TritonRMSNormFunction),
+            "F.rms_norm": (lambda x=x, w=w, c=cols: F.rms_norm(x, (c,), w, 1e-6), None),
+        }
+        if liger:
+            providers["liger"] = (lambda x=x, w=w: liger["rms"].apply(x, w, 1e-6, 0.0, "llama", False), liger["rms"])
+        yield f"rms_norm {rows}x{cols}", providers, [x, w], [torch.randn_like(x)]
+    a = torch.randn(16384, 11008, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn_like(a, requires_grad=True)
+    providers = {"engine": (lambda: swiglu(a, b), TritonSwiGLUFunction)}
+    if liger:
+        providers["liger"] = (lambda: liger["swiglu"].apply(a, b), liger["swiglu"])
+    yield "swiglu 16384x11008", providers, [a, b], [torch.randn_like(a)]
+    q = torch.randn(4, 2048, 32, 128, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_(True)
+    k = torch.randn(4, 2048, 8, 128, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_(True)
+    cos = torch.randn(1, 2048, 128, device="cuda", dtype=dtype)
+    sin = torch.randn_like(cos)
+    providers = {"engine": (lambda: rope(q, k, cos, sin), TritonRoPEFunction)}
+    if liger:
+        providers["liger"] = (lambda: liger["rope"].apply(q, k, cos, sin), liger["rope"])
+    yield "rope B4 T2048 32/8 heads d128", providers, [q, k], [torch.randn_like(q), torch.randn_like(k)]
 
 
 def main() -> None:
-    rows, cols = 65536, 128
-    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.ones(cols, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn_like(x)
-    y = torch.empty_like(x)
-    rstd = torch.empty(rows, device="cuda", dtype=torch.float32)
-    args = (x, w, y, rstd, x.stride(0), y.stride(0), rows, cols, 1e-6, 0.0)
-    meta = dict(BLOCK_M=32, BLOCK_N=128, GEMMA=False, num_warps=4)
-    grid = (rows // 32,)
-    results = {"triton jit launch": host_us(lambda: rn._rms_norm_fwd[grid](*args, **meta))}
-    with torch.no_grad():
-        results["engine fwd (no grad)"] = host_us(lambda: rn.rms_norm(x, w, 1e-6))
-        results["F.rms_norm fwd (no grad)"] = host_us(lambda: F.rms_norm(x, (cols,), w, 1e-6))
-    results["engine fwd (grad)"] = host_us(lambda: rn.rms_norm(x, w, 1e-6))
-
-    def fb(fn):
-        def run():
-            x.grad = w.grad = None
-            fn().backward(dy)
-
-        return run
-
-    results["engine fwd+bwd"] = host_us(fb(lambda: rn.rms_norm(x, w, 1e-6)))
-    results["F.rms_norm fwd+bwd"] = host_us(fb(lambda: F.rms_norm(x, (cols,), w, 1e-6)))
-    try:
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-
-        results["liger fwd+bwd"] = host_us(fb(lambda: LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "llama", False)))
-    except Exception as exc:
-        print("liger:", exc)
-    for name, us in results.items():
-        print(f"{name:28s} {us:8.1f} us host time per call")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args()
+    records = []
+    bare = bare_launch_us()
+    for name, us in bare.items():
+        print(f"bare launch via {name:30s} {us:6.1f} us")
+    for case, providers, leaves, grads in cases():
+        runs = [(p, fn, cls, True) for p, (fn, cls) in providers.items()]
+        runs.insert(1, ("engine, kernel[grid] launches", *providers["engine"], False))
+        for provider, fn, cls, fast in runs:
+            with fast_launch(fast):
+                split = split_host_us(fn, leaves, grads, cls)
+            records.append({"case": case, "provider": provider, **split})
+            parts = "  ".join(f"{k} {v:6.1f}" for k, v in split.items())
+            print(f"{case:30s} {provider:30s} {parts} us")
+    write_json(
+        args.out / "launch_overhead.json", {"environment": environment(), "bare_launch_us": bare, "records": records}
+    )
 
 
 if __name__ == "__main__":
