@@ -108,3 +108,23 @@ def test_fast_and_normal_launches_agree_bit_for_bit(aligned):
         for a, b, c in zip(want, first, again, strict=True):
             assert torch.equal(a, b) and torch.equal(a, c), name
     assert launch_module._caches.get(id(_rms_norm_fwd)), "the fast path never cached a compiled handle"
+
+
+@pytest.mark.skipif(not GPU, reason="compiled launches need a GPU")
+def test_pre_run_hooks_still_see_every_launch():
+    from engine.kernels.triton.swiglu import _swiglu_fwd
+
+    seen = []
+
+    def hook(*args, **kwargs):
+        seen.append(1)
+
+    gate, up = torch.randn(8, 64, device="cuda"), torch.randn(8, 64, device="cuda")
+    _swiglu_fwd.add_pre_run_hook(hook)
+    try:
+        with fast_launch(True):
+            for _ in range(3):
+                swiglu(gate, up)
+    finally:
+        _swiglu_fwd.pre_run_hooks.remove(hook)
+    assert len(seen) == 3

@@ -5,8 +5,9 @@
 15-25 us of host time per launch, longer than many of these kernels run. ``launch`` keys its own cache on
 the arguments (see ``specialization_key``), the constexprs and the launch options, and on a hit calls the
 compiled handle exactly as ``JITFunction.run`` does (6-9 us there for the bare call). A miss, an argument
-of another type, a constexpr passed positionally, the interpreter, or a triton whose launch call differs
-from the one checked here take the normal path. ``ENGINE_TRITON_FAST_LAUNCH=0`` turns the fast path off.
+of another type, a constexpr passed positionally, a kernel with pre-run hooks, the interpreter, or a triton
+whose launch call differs from the one checked here take the normal path. ``ENGINE_TRITON_FAST_LAUNCH=0``
+turns the fast path off.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def _launch_path_matches() -> bool:
 
 
 def fast_launch_enabled() -> bool:
+    """Whether ``launch`` may use cached compiled handles (decided once: env switch, interpreter, triton)."""
     global _enabled
     if _enabled is None:
         wanted = os.environ.get("ENGINE_TRITON_FAST_LAUNCH", "1") != "0"
@@ -114,7 +116,7 @@ def _cacheable(compiled: Any) -> bool:
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
     """``kernel[grid](*args, **meta)``; constexprs and launch options go in ``meta``."""
-    if not fast_launch_enabled():
+    if not fast_launch_enabled() or getattr(kernel, "pre_run_hooks", None):  # hooks must see every launch
         kernel[grid](*args, **meta)
         return
     spec = specialization_key(args)
