@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine.kernels.reference import mrope_axis_table  # noqa: E402
+
 from benchmarks.common import RESULTS_DIR, environment, fwd_bwd, median_ms, write_json  # noqa: E402
 from benchmarks.plots import plot_kernels  # noqa: E402
-from engine.kernels.reference import mrope_axis_table  # noqa: E402
 from engine.kernels.triton.mrope import mrope_cos_sin  # noqa: E402
 from engine.kernels.triton.rms_norm import rms_norm  # noqa: E402
 from engine.kernels.triton.rope import rope  # noqa: E402

@@ -6,7 +6,7 @@ engine.apply_available_kernels(model)              # every automatic kernel for 
 print(engine.kernel_report(model)); engine.revert(model)
 """
 
-from engine import kernels as _kernels  # noqa: F401  (registers built-in kernels)
+from engine import kernels as _kernels  # noqa: F401  (registers the built-in kernels)
 from engine.api import (
     apply,
     apply_available_kernels,
@@ -18,50 +18,59 @@ from engine.api import (
     revert,
 )
 from engine.catalog import find_spec, load_catalog
-from engine.device import detect_device
+from engine.device import DeviceType, detect_device
 from engine.errors import (
+    DeviceMismatchError,
     EngineError,
     KernelUnavailableError,
+    NoSpecError,
     PatchConflictError,
     SpecError,
     UnknownKernelError,
 )
-from engine.kernels.base import Kernel
+from engine.kernels.base import Kernel, MetaKernel
+from engine.kernels.kinds import KernelType
 from engine.kernels.npu import (
+    NpuFusedMoEKernel,
     NpuMoEFusedMoEKernel,
     NpuQwen2VLRoPEKernel,
     NpuRMSNormKernel,
     NpuRoPEKernel,
+    NpuSwiGLUKernel,
     NpuSwiGluKernel,
 )
+from engine.kernels.registry import REGISTRY
 from engine.kernels.triton import (
     TritonFusedMoEKernel,
     TritonMRoPEKernel,
     TritonRMSNormKernel,
     TritonRoPEKernel,
-    TritonSwiGluKernel,
+    TritonSwiGLUKernel,
     TritonVisionRoPEKernel,
 )
-from engine.logging_setup import configure_default_logger
-from engine.patch import PatchHandle
-from engine.registry import REGISTRY, MetaKernel
+from engine.log import set_verbosity
+from engine.patching import PatchHandle
 from engine.report import PatchReport
 from engine.spec import KernelSpec, SpecEntry, load_spec_file
 from engine.training import apply_training_config
 
-configure_default_logger()
-
 __all__ = [
     "REGISTRY",
+    "DeviceMismatchError",
+    "DeviceType",
     "EngineError",
     "Kernel",
     "KernelSpec",
+    "KernelType",
     "KernelUnavailableError",
     "MetaKernel",
+    "NoSpecError",
+    "NpuFusedMoEKernel",
     "NpuMoEFusedMoEKernel",
     "NpuQwen2VLRoPEKernel",
     "NpuRMSNormKernel",
     "NpuRoPEKernel",
+    "NpuSwiGLUKernel",
     "NpuSwiGluKernel",
     "PatchConflictError",
     "PatchHandle",
@@ -72,7 +81,7 @@ __all__ = [
     "TritonMRoPEKernel",
     "TritonRMSNormKernel",
     "TritonRoPEKernel",
-    "TritonSwiGluKernel",
+    "TritonSwiGLUKernel",
     "TritonVisionRoPEKernel",
     "UnknownKernelError",
     "apply",
@@ -88,4 +97,5 @@ __all__ = [
     "load_spec_file",
     "plan",
     "revert",
+    "set_verbosity",
 ]

@@ -3,35 +3,42 @@
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from engine.catalog import find_spec, specs_for_model_type
-from engine.device import detect_device, validate_device
-from engine.errors import EngineError, KernelUnavailableError
-from engine.kernels.base import Kernel
-from engine.patch import PatchHandle, apply_plan
-from engine.report import PatchReport, SkippedItem
-from engine.resolve import Plan, Planner, model_type_of
+from engine import log, patching
+from engine.catalog import SPEC_PATH_ENV, find_spec, specs_for_model_type
+from engine.device import DEVICE_ENV, DeviceType, detect_device, validate_device
+from engine.errors import DeviceMismatchError, KernelUnavailableError, NoSpecError
+from engine.kernels.base import MetaKernel, is_kernel_class
+from engine.kernels.registry import REGISTRY
+from engine.patching import PatchHandle, attach, attached
+from engine.planner import Plan, PlannedPatch, Planner, model_type_of
+from engine.report import PatchedItem, PatchReport
 from engine.spec import KernelSpec
 
-logger = logging.getLogger("engine")
-_HANDLES: weakref.WeakKeyDictionary[nn.Module, list[PatchHandle]] = weakref.WeakKeyDictionary()
-
 SpecLike = str | Path | KernelSpec
+SpecDirs = Iterable[str | Path]
 
 
-def _specs_for(model: nn.Module, spec: SpecLike | None, spec_dirs: Iterable[str | Path]) -> list[KernelSpec]:
-    if spec is not None:
-        chosen = find_spec(spec, spec_dirs)
-        model_type = model_type_of(model)
-        if model_type not in chosen.model_types:
-            logger.warning("engine: spec %r is for %s, model is %r", chosen.name, chosen.model_types, model_type)
-        return [chosen]
-    return specs_for_model_type(model_type_of(model), spec_dirs)
+def no_spec_message(model: nn.Module) -> str:
+    return (
+        f"no spec declares model_type {model_type_of(model)!r}: add a spec file (YAML, TOML or .yaml.j2 with "
+        f"name, model_types: [{model_type_of(model)}] and entries; see kernel_specs/qwen3.toml) in a folder "
+        f"listed in {SPEC_PATH_ENV} or passed as spec_dirs="
+    )
+
+
+def _specs_for(model: nn.Module, spec: SpecLike | None, spec_dirs: SpecDirs) -> list[KernelSpec]:
+    if spec is None:
+        return specs_for_model_type(model_type_of(model), spec_dirs)
+    chosen = find_spec(spec, spec_dirs)
+    if model_type_of(model) not in chosen.model_types:
+        log.warn(f"spec {chosen.name!r} is for {chosen.model_types}, the model is {model_type_of(model)!r}")
+    return [chosen]
 
 
 def plan(
@@ -39,25 +46,62 @@ def plan(
     spec: SpecLike | None = None,
     device: str | None = None,
     include_manual: bool | None = None,
-    spec_dirs: Iterable[str | Path] = (),
-    probe: bool = True,
+    spec_dirs: SpecDirs = (),
 ) -> Plan:
     """What would be patched, without patching. Manual entries count only with an explicit spec."""
     device = validate_device(device) if device else detect_device()
-    manual = spec is not None if include_manual is None else include_manual
     specs = _specs_for(model, spec, spec_dirs)
-    result = Planner(model, device, manual, probe).plan(specs)
+    result = Planner(model, device, spec is not None if include_manual is None else include_manual).plan(specs)
     if not specs:
-        result.skipped.append(
-            SkippedItem("-", "-", type(model).__name__, f"no spec declares model_type {model_type_of(model)!r}")
-        )
+        result.skipped.append(_no_spec_item(model))
     return result
 
 
-def _record(model: nn.Module, handle: PatchHandle, verbose: bool) -> PatchHandle:
-    _HANDLES.setdefault(model, []).append(handle)
+def _no_spec_item(model: nn.Module) -> Any:
+    from engine.report import SkippedItem
+
+    return SkippedItem("-", "-", type(model).__name__, no_spec_message(model))
+
+
+def _patched_item(planned: PlannedPatch) -> PatchedItem:
+    if planned.function is not None:
+        owner, attr, _ = planned.function
+        target, scope, names = f"{owner.__name__}.{attr}", "process-wide function", []
+    else:
+        target, scope = planned.entry.target.label, "per-instance forward"
+        names = [name or "<root>" for name, _ in planned.modules]
+    return PatchedItem(planned.spec, planned.entry.name, planned.kernel.__name__, target, scope, names, planned.note)
+
+
+def preview(result: Plan) -> PatchReport:
+    """The report applying ``result`` would produce, without patching anything."""
+    return PatchReport(
+        result.device, result.model_type, list(result.specs), [_patched_item(p) for p in result.patches], result.skipped
+    )
+
+
+def install(model: nn.Module, result: Plan, verbose: bool = True) -> PatchHandle:
+    """Install every planned patch and keep the handle on ``model``; on a failure, undo what was installed."""
+    handle = PatchHandle(PatchReport(result.device, result.model_type, list(result.specs), [], list(result.skipped)))
+    try:
+        for planned in result.patches:
+            item = _patched_item(planned)
+            if planned.function is not None:
+                owner, attr, _ = planned.function
+                handle.functions.append(
+                    patching.acquire_function_patch(owner, attr, planned.kernel, planned.options, planned.binder, item)
+                )
+            for _, module in planned.modules:
+                handle.modules.append(
+                    patching.install_module_patch(module, planned.kernel, planned.options, planned.binder, item)
+                )
+            handle.report.patched.append(item)
+    except BaseException:
+        handle.revert()
+        raise
+    attach(model, handle)
     if verbose:
-        logger.info("%s", handle.report.summary())
+        log.emit(logging.INFO, handle.report.summary())
     return handle
 
 
@@ -65,56 +109,76 @@ def apply(
     model: nn.Module,
     spec: SpecLike | None = None,
     device: str | None = None,
-    spec_dirs: Iterable[str | Path] = (),
+    spec_dirs: SpecDirs = (),
     verbose: bool = True,
 ) -> PatchHandle:
     """Apply a spec (by name, path or object) to ``model``; with no spec, every spec for its model type.
 
     An explicit spec applies its manual entries too. Returns a handle with ``.report`` and ``.revert()``.
     """
-    return _record(model, apply_plan(plan(model, spec, device, spec_dirs=spec_dirs)), verbose)
+    return install(model, plan(model, spec, device, spec_dirs=spec_dirs), verbose)
 
 
 def apply_available_kernels(
-    model: nn.Module, device: str | None = None, spec_dirs: Iterable[str | Path] = (), verbose: bool = True
+    model: nn.Module, device: str | None = None, spec_dirs: SpecDirs = (), verbose: bool = True
 ) -> nn.Module:
-    """Patch every automatic kernel that fits ``model`` on the detected device; returns the model."""
-    apply(model, None, device, spec_dirs, verbose)
+    """Patch every automatic kernel that fits ``model`` on the detected device; returns the model.
+
+    A model type no spec declares is reported with a warning saying how to add a spec.
+    """
+    handle = apply(model, None, device, spec_dirs, verbose)
+    if not handle.report.specs:
+        log.warn(no_spec_message(model))
     return model
 
 
-def apply_kernel(
-    model: nn.Module, kernel: type[Kernel], spec_dirs: Iterable[str | Path] = (), verbose: bool = True
-) -> nn.Module:
-    """Patch one kernel class into every target its type has in the model's specs (manual kernels too).
-
-    Raises :class:`KernelUnavailableError` when the kernel cannot run here.
-    """
+def _check_requested(kernel: Any, device: DeviceType) -> None:
+    if not is_kernel_class(kernel):
+        raise TypeError(
+            f"apply_kernel expects a kernel class (a MetaKernel subclass declaring type and device), got {kernel!r}"
+        )
+    if kernel.device != device:
+        raise DeviceMismatchError(
+            f"{kernel.__name__} is a {kernel.device} kernel but this process runs on {device}; "
+            f"use the {device} kernel (discover_kernels() lists them) or set {DEVICE_ENV}={kernel.device} "
+            "if that device is really present"
+        )
     reason = kernel.unavailable_reason()
     if reason:
         raise KernelUnavailableError(f"{kernel.__name__} cannot run here: {reason}")
+
+
+def apply_kernel(
+    model: nn.Module, kernel: type[MetaKernel], spec_dirs: SpecDirs = (), verbose: bool = True
+) -> nn.Module:
+    """Patch one kernel class into every target its kind has in the model's specs (manual kernels too).
+
+    Raises ``TypeError`` for a non-kernel, :class:`DeviceMismatchError` (a ``ValueError``) for a kernel of
+    another device, :class:`KernelUnavailableError` when its runtime is missing, :class:`NoSpecError` when
+    no spec declares the model's type.
+    """
+    device = detect_device()
+    _check_requested(kernel, device)
     specs = _specs_for(model, None, spec_dirs)
     if not specs:
-        raise EngineError(f"no spec declares model_type {model_type_of(model)!r}; pass one to engine.apply")
-    result = Planner(model, kernel.device, include_manual=True).plan(specs, only_kernel=kernel)
+        raise NoSpecError(no_spec_message(model))
+    result = Planner(model, device, include_manual=True).plan(specs, only_kernel=kernel)
     if not result.patches and not result.skipped:
-        result.skipped.append(
-            SkippedItem(
-                ",".join(s.name for s in specs),
-                "-",
-                kernel.type,
-                f"no entry of kernel type {kernel.type!r} in the model's specs",
-            )
-        )
-    _record(model, apply_plan(result), verbose)
+        from engine.report import SkippedItem
+
+        names = ",".join(s.name for s in specs)
+        result.skipped.append(SkippedItem(names, "-", kernel.kind, f"the model's specs have no {kernel.kind!r} entry"))
+    install(model, result, verbose)
     return model
 
 
 def discover_kernels(
-    model: nn.Module, device: str | None = None, spec_dirs: Iterable[str | Path] = ()
-) -> list[type[Kernel]]:
-    """Kernel classes that ``apply_available_kernels`` would patch into ``model`` (each has .type, .device)."""
-    found: list[type[Kernel]] = []
+    model: nn.Module | None = None, device: str | None = None, spec_dirs: SpecDirs = ()
+) -> list[type[MetaKernel]]:
+    """Without a model: the registered kernels of this device. With one: those that would patch it."""
+    if model is None:
+        return REGISTRY.registered(validate_device(device) if device else detect_device())
+    found: list[type[MetaKernel]] = []
     for planned in plan(model, None, device, spec_dirs=spec_dirs).patches:
         if planned.kernel not in found:
             found.append(planned.kernel)
@@ -122,20 +186,21 @@ def discover_kernels(
 
 
 def handles(model: nn.Module) -> list[PatchHandle]:
-    """Active patch handles recorded for ``model``, oldest first."""
-    return [h for h in _HANDLES.get(model, []) if h.active]
+    """Active patch handles on ``model`` and its submodules, oldest first."""
+    return [h for _, found in attached(model) for h in found if h.active]
 
 
 def kernel_report(model: nn.Module) -> PatchReport:
     """The merged report of every active patch on ``model``."""
     merged = PatchReport(device="-", model_type=model_type_of(model))
     for handle in handles(model):
-        merged.device = handle.report.device
         merged.merge(handle.report)
     return merged
 
 
 def revert(model: nn.Module) -> None:
-    """Undo every patch the engine made on ``model``, newest first."""
-    for handle in reversed(_HANDLES.pop(model, [])):
-        handle.revert()
+    """Undo every patch the engine made on ``model`` and its submodules, newest first."""
+    for module, found in list(attached(model)):
+        for handle in reversed(found):
+            handle.revert()
+        del module.__dict__["_engine_handles"]

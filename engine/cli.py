@@ -36,7 +36,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from engine.catalog import load_catalog
-    from engine.registry import REGISTRY
+    from engine.kernels.registry import REGISTRY
 
     print("kernels:")
     for kernel in REGISTRY.all():
@@ -46,8 +46,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for spec in load_catalog(args.spec_dir).values():
         print(f"  {spec.name} ({', '.join(spec.model_types)}) from {spec.source}")
         for entry in spec.entries:
-            manual = "" if entry.auto_register else " [manual]"
-            print(f"    {entry.name}: {entry.kernel} -> {entry.target.label} on {', '.join(entry.devices)}{manual}")
+            manual = " [manual]" if entry.auto_register is False else ""
+            devices = ", ".join(entry.devices) if entry.devices else "every device with a kernel"
+            print(f"    {entry.name}: {entry.kernel} -> {entry.target.label} on {devices}{manual}")
     return 0
 
 
@@ -69,8 +70,7 @@ def _load_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from engine.api import plan
-    from engine.patch import preview
+    from engine.api import plan, preview
 
     model = _load_model(args)
     report = preview(plan(model, args.spec, args.device, include_manual=args.manual or None, spec_dirs=args.spec_dir))

@@ -1,4 +1,4 @@
-"""What a patch run did: every target patched, every entry skipped and why."""
+"""What a patch run did: every target patched, every entry skipped, and why."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ class PatchedItem:
     target: str
     scope: str  # "per-instance forward" or "process-wide function"
     modules: list[str] = field(default_factory=list)
+    note: str | None = None  # e.g. that the probe ran on simulated weights
 
     @property
     def count(self) -> int:
@@ -40,6 +41,8 @@ class PatchReport:
         self.specs += [s for s in other.specs if s not in self.specs]
         self.patched += other.patched
         self.skipped += other.skipped
+        if self.device == "-":
+            self.device = other.device
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -55,7 +58,8 @@ class PatchReport:
         lines = [head]
         for p in self.patched:
             where = f"{p.count} module(s)" if p.modules else "1 function"
-            lines.append(f"  patched  {p.spec}/{p.entry}: {p.target} -> {p.kernel} [{where}, {p.scope}]")
+            note = f"; {p.note}" if p.note else ""
+            lines.append(f"  patched  {p.spec}/{p.entry}: {p.target} -> {p.kernel} [{where}, {p.scope}{note}]")
         for s in self.skipped:
             lines.append(f"  skipped  {s.spec}/{s.entry}: {s.target}: {s.reason}")
         return "\n".join(lines)

@@ -13,11 +13,11 @@ from typing import Any
 import jinja2
 import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from engine.device import DeviceType
 from engine.errors import SpecError
-from engine.kernels.kernel_types import KERNEL_TYPES
+from engine.kernels.kinds import KINDS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,7 +25,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".toml", ".yaml.j2", ".yml.j2")
-ALL_DEVICES: list[DeviceType] = ["npu", "cuda", "xpu", "mps", "cpu"]
 
 
 class Target(BaseModel):
@@ -51,23 +50,29 @@ class Target(BaseModel):
 
 
 class SpecEntry(BaseModel):
-    """One replacement: which target, which kernel, on which devices, under which conditions."""
+    """One replacement: which target, which kernel kind, and (only where an entry needs them) restrictions."""
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[a-z0-9_\-\.]+$")
-    kernel: str = Field(description="kernel type: " + ", ".join(sorted(KERNEL_TYPES)))
+    kernel: str = Field(description="kernel kind: " + ", ".join(KINDS))
     target: Target
-    devices: list[DeviceType] = Field(default_factory=lambda: list(ALL_DEVICES))
-    auto_register: bool = Field(True, description="false: applied only by an explicit spec or apply_kernel")
-    transformers: str | None = Field(None, description="PEP 440 version range, e.g. '>=5.0,<6'")
+    devices: list[DeviceType] | None = Field(
+        None, description="restrict to these devices (default: every device with a registered kernel)"
+    )
+    auto_register: bool | None = Field(
+        None,
+        description="false: applied only by an explicit spec or apply_kernel; unset: the kernel class decides",
+    )
+    transformers: str | None = Field(None, description="extra PEP 440 range beyond the package's, e.g. '<6'")
     when: dict[str, Any] = Field(default_factory=dict, description="config attribute -> required value (or list)")
-    options: dict[str, Any] = Field(default_factory=dict, description="kernel options, checked per kernel type")
+    options: dict[str, Any] = Field(default_factory=dict, description="kernel options, checked per kernel kind")
+    _parsed_options: BaseModel | None = PrivateAttr(None)
 
     @field_validator("kernel")
     @classmethod
     def _known_kernel(cls, value: str) -> str:
-        if value not in KERNEL_TYPES:
-            raise ValueError(f"unknown kernel {value!r}; known: {', '.join(sorted(KERNEL_TYPES))}")
+        if value not in KINDS:
+            raise ValueError(f"unknown kernel {value!r}; known: {', '.join(KINDS)}")
         return value
 
     @field_validator("transformers")
@@ -82,13 +87,19 @@ class SpecEntry(BaseModel):
 
     @model_validator(mode="after")
     def _options_and_target_fit(self) -> SpecEntry:
-        kernel_type = KERNEL_TYPES[self.kernel]
-        kind = "module_class" if self.target.module_class else "function"
-        wanted = "module_class" if kernel_type.target_kind == "module" else "function"
-        if kind != wanted:
-            raise ValueError(f"kernel {self.kernel!r} replaces a {kernel_type.target_kind}: use target.{wanted}")
-        kernel_type.options.model_validate(self.options)
+        kind = KINDS[self.kernel]
+        given = "module_class" if self.target.module_class else "function"
+        wanted = "module_class" if kind.target == "module" else "function"
+        if given != wanted:
+            raise ValueError(f"kernel {self.kernel!r} replaces a {kind.target}: use target.{wanted}")
+        self._parsed_options = kind.options.model_validate(self.options)
         return self
+
+    @property
+    def parsed_options(self) -> BaseModel:
+        """The options as the kind's model (validated once, when the entry was)."""
+        assert self._parsed_options is not None
+        return self._parsed_options
 
 
 class KernelSpec(BaseModel):
@@ -109,12 +120,6 @@ class KernelSpec(BaseModel):
                 raise ValueError(f"duplicate entry name {entry.name!r}")
             seen.add(entry.name)
         return self
-
-    def entry(self, name: str) -> SpecEntry:
-        for entry in self.entries:
-            if entry.name == name:
-                return entry
-        raise KeyError(f"spec {self.name!r} has no entry {name!r}")
 
 
 def _describe_location(raw: dict[str, Any], loc: tuple[Any, ...]) -> str:

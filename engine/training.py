@@ -19,7 +19,7 @@ from torch import nn
 
 from engine.api import apply
 from engine.errors import SpecError
-from engine.patch import PatchHandle
+from engine.patching import PatchHandle
 
 
 class KernelTrainingOptions(BaseModel):

@@ -1,5 +1,6 @@
 """Test setup: Triton kernels run through the interpreter on CPU unless a GPU is present."""
 
+import gc
 import os
 
 import torch
@@ -14,21 +15,24 @@ import engine  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _no_leftover_patches():
-    """Every test must leave no process-wide patch behind."""
-    from engine import patch
+    """Every test must leave no process-wide patch behind once its models are gone."""
+    from engine import patching
 
     yield
-    leftover = list(patch._FUNCTION_PATCHES)
-    for state in list(patch._FUNCTION_PATCHES.values()):
+    gc.collect()  # models a test dropped without revert release their shares when collected
+    leftover = list(patching.FUNCTION_PATCHES)
+    for state in list(patching.FUNCTION_PATCHES.values()):
         state.users = 1
-        patch._release_function_patch(state)
+        patching.release_function_patch(state)
     assert not leftover, f"test left process-wide patches: {leftover}"
 
 
 @pytest.fixture()
-def npu_standin():
+def npu_standin(monkeypatch):
+    """torch_npu's CPU stand-in, with the device set to npu the way ENGINE_DEVICE overrides detection."""
     from engine.testing.torch_npu_standin import torch_npu_standin
 
+    monkeypatch.setenv("ENGINE_DEVICE", "npu")
     with torch_npu_standin() as module:
         yield module
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import engine
-from engine import patch as patch_module
+from engine import patching as patch_module
 from engine.errors import EngineError, KernelUnavailableError
 from engine.spec import KernelSpec
 from engine.testing import tiny_models
@@ -20,6 +20,7 @@ def _spec(*entries: dict) -> KernelSpec:
 
 
 def test_missing_torch_npu_skips_with_reason_and_apply_kernel_raises(monkeypatch):
+    monkeypatch.setenv("ENGINE_DEVICE", "npu")
     monkeypatch.setitem(sys.modules, "torch_npu", None)  # import torch_npu -> ImportError
     import engine.device as device
 
@@ -46,10 +47,11 @@ def test_cpu_and_xpu_keep_original_forward_and_say_why():
     for device in ("cpu", "xpu"):
         report = engine.plan(model, device=device)
         assert not report.patches and len(report.skipped) == 3
-        assert all(f"not declared for device {device!r}" in s.reason for s in report.skipped)
+        assert all(f"kernel for device {device!r}" in s.reason for s in report.skipped)
 
 
-def test_unknown_model_type_is_reported():
+def test_unknown_model_type_is_reported(monkeypatch):
+    monkeypatch.setenv("ENGINE_DEVICE", "cuda")
     model = nn.Sequential(nn.Linear(2, 2))
     report = engine.plan(model, device="cuda")
     assert "no spec declares model_type 'Sequential'" in report.skipped[0].reason
@@ -187,21 +189,33 @@ def test_conflicting_replacement_is_not_clobbered(npu_standin, caplog):
 
 def test_failed_install_rolls_back(npu_standin, monkeypatch):
     model = tiny_models.build("llama")
-    real = patch_module._acquire_function_patch
+    real = patch_module.acquire_function_patch
 
     def boom(*args, **kwargs):
         raise RuntimeError("install failed")
 
-    monkeypatch.setattr(patch_module, "_acquire_function_patch", boom)
+    monkeypatch.setattr(patch_module, "acquire_function_patch", boom)
     with pytest.raises(RuntimeError, match="install failed"):
         engine.apply(model, spec="llama", device="npu", verbose=False)
-    monkeypatch.setattr(patch_module, "_acquire_function_patch", real)
+    monkeypatch.setattr(patch_module, "acquire_function_patch", real)
     assert not patched_forward_names(model)
 
 
-def test_report_is_logged_by_default(npu_standin, capsys):
+def test_report_goes_to_stderr_without_logging_config(npu_standin, capsys, monkeypatch):
+    import logging
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # an application that configured no logging
     model = tiny_models.build("llama")
-    handle = engine.apply(model, spec="llama", device="npu")
-    handle.revert()
+    engine.apply(model, spec="llama", device="npu").revert()
     err = capsys.readouterr().err
     assert "engine: llama on npu" in err and "patched  llama/rms_norm" in err
+    monkeypatch.setenv("ENGINE_VERBOSITY", "warning")
+    engine.apply(model, spec="llama", device="npu").revert()
+    assert "engine: llama" not in capsys.readouterr().err
+
+
+def test_report_goes_through_logging_when_configured(npu_standin, caplog, capsys):
+    with caplog.at_level("INFO", logger="engine"):
+        engine.apply(tiny_models.build("llama"), spec="llama", device="npu").revert()
+    assert any("patched  llama/rms_norm" in r.getMessage() for r in caplog.records)
+    assert "engine: llama" not in capsys.readouterr().err

@@ -2,47 +2,69 @@ import pytest
 import torch
 
 import engine
-from engine.device import detect_device, validate_device
+from engine.device import DeviceType, detect_device, validate_device
 from engine.errors import UnknownKernelError
-from engine.kernels.base import Kernel
-from engine.registry import REGISTRY
+from engine.kernels.base import MetaKernel
+from engine.kernels.registry import REGISTRY
 
 
-def test_kernel_classes_register_with_type_and_device():
-    for cls, kind, device in [
-        (engine.NpuRMSNormKernel, "rms_norm", "npu"),
-        (engine.NpuSwiGluKernel, "swiglu", "npu"),
-        (engine.NpuRoPEKernel, "rope", "npu"),
-        (engine.NpuQwen2VLRoPEKernel, "vision_rope", "npu"),
-        (engine.NpuMoEFusedMoEKernel, "fused_moe", "npu"),
-        (engine.TritonRMSNormKernel, "rms_norm", "cuda"),
-    ]:
-        assert (cls.type, cls.device) == (kind, device)
-        assert REGISTRY.get(kind, device) is cls
+@pytest.mark.parametrize(
+    "cls, kernel_type, kind, device",
+    [
+        (engine.NpuRMSNormKernel, "rmsnorm", "rms_norm", "npu"),
+        (engine.NpuSwiGluKernel, "swiglu", "swiglu", "npu"),
+        (engine.NpuRoPEKernel, "rope", "rope", "npu"),
+        (engine.NpuQwen2VLRoPEKernel, "rope", "vision_rope", "npu"),
+        (engine.NpuMoEFusedMoEKernel, "moe", "fused_moe", "npu"),
+        (engine.TritonRMSNormKernel, "rmsnorm", "rms_norm", "cuda"),
+        (engine.TritonSwiGLUKernel, "swiglu", "swiglu", "cuda"),
+        (engine.TritonRoPEKernel, "rope", "rope", "cuda"),
+        (engine.TritonVisionRoPEKernel, "rope", "vision_rope", "cuda"),
+        (engine.TritonMRoPEKernel, "rope", "mrope", "cuda"),
+        (engine.TritonFusedMoEKernel, "moe", "fused_moe", "cuda"),
+    ],
+)
+def test_shipped_kernels_declare_seed_types_and_register(cls, kernel_type, kind, device):
+    assert issubclass(cls, MetaKernel)
+    assert (cls.type, cls.kind, cls.device) == (kernel_type, kind, device)
+    assert isinstance(cls.type, engine.KernelType) and isinstance(cls.device, DeviceType)
+    assert REGISTRY.get(kind, device) is cls
+    assert (cls in REGISTRY.registered(device)) is cls.auto_register
+
+
+def test_manual_kernels_are_known_but_not_registered():
     assert engine.NpuQwen2VLRoPEKernel.auto_register is False
-    assert engine.NpuQwen2VLRoPEKernel not in REGISTRY.for_device("npu")
-    assert engine.NpuQwen2VLRoPEKernel in REGISTRY.for_device("npu", include_manual=True)
+    assert engine.NpuQwen2VLRoPEKernel not in REGISTRY.registered("npu")
+    assert engine.NpuQwen2VLRoPEKernel in REGISTRY.all()
 
 
-def test_metakernel_registers_subclasses_and_rejects_unknown_types():
-    class MyXpuNorm(Kernel):
-        type = "rms_norm"
+def test_metakernel_subclass_registers_and_bad_types_are_refused():
+    class MyXpuNorm(MetaKernel):
+        type = engine.KernelType.RMSNORM
         device = "xpu"
 
     try:
         assert REGISTRY.get("rms_norm", "xpu") is MyXpuNorm
+        assert MyXpuNorm.device is DeviceType.XPU and MyXpuNorm.kind == "rms_norm"
     finally:
-        REGISTRY.unregister(MyXpuNorm)
+        REGISTRY.remove(MyXpuNorm)
     assert REGISTRY.get("rms_norm", "xpu") is None
 
-    class Helper(Kernel):  # no type/device: not registered
+    class Helper(MetaKernel):  # no type/device: not registered
         pass
 
     assert "Helper" not in REGISTRY.names()
-    with pytest.raises(UnknownKernelError, match="unknown kernel 'warp_drive'"):
+    with pytest.raises(UnknownKernelError, match="unknown kernel type 'warp_drive'"):
 
-        class Bad(Kernel):
+        class Bad(MetaKernel):
             type = "warp_drive"
+            device = "cuda"
+
+    with pytest.raises(UnknownKernelError, match="kind 'rms_norm' is a rmsnorm kernel"):
+
+        class Mismatch(MetaKernel):
+            type = engine.KernelType.ROPE
+            kind = "rms_norm"
             device = "cuda"
 
 
@@ -50,21 +72,26 @@ def test_device_detection_order(monkeypatch):
     import engine.device as device
 
     monkeypatch.delenv("ENGINE_DEVICE", raising=False)
+    accelerator = {"value": None}
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: accelerator["value"])
     flags = {"npu": False, "cuda": False, "xpu": False, "mps": False}
     monkeypatch.setattr(device, "_npu_available", lambda: flags["npu"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: flags["cuda"])
-    monkeypatch.setattr(device, "_xpu_available", lambda: flags["xpu"])
+    monkeypatch.setattr(device, "_backend_available", lambda name: flags[name])
     monkeypatch.setattr(device, "_mps_available", lambda: flags["mps"])
     assert detect_device() == "cpu"
     for name in ("mps", "xpu", "cuda", "npu"):
         flags[name] = True
         assert detect_device() == name
-    monkeypatch.setenv("ENGINE_DEVICE", "xpu")
+    accelerator["value"] = torch.device("xpu")  # torch.accelerator is asked first
     assert detect_device() == "xpu"
+    monkeypatch.setenv("ENGINE_DEVICE", "mps")  # and ENGINE_DEVICE overrides everything
+    assert detect_device() == "mps"
 
 
 def test_validate_device():
     assert validate_device("cuda:1") == "cuda"
+    assert validate_device(torch.device("cpu")) is DeviceType.CPU
     with pytest.raises(ValueError, match="unsupported device 'tpu'"):
         validate_device("tpu")
 

@@ -45,7 +45,7 @@ def test_cli_validate_list_plan_schema(capsys, tmp_path):
     assert main(["validate", str(bad)]) == 1
     assert "unknown kernel 'nope'" in capsys.readouterr().err
     assert main(["list"]) == 0
-    assert "NpuMoEFusedMoEKernel" in capsys.readouterr().out
+    assert "NpuFusedMoEKernel" in capsys.readouterr().out
     assert main(["plan", "qwen3_moe", "--device", "npu", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["device"] == "npu" and any("torch_npu" in s["reason"] for s in data["skipped"])

@@ -12,9 +12,9 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from engine.kernels.triton import launch as launch_module  # noqa: E402
 from engine.kernels.triton.launch import _trailing_values, fast_launch, specialization_key  # noqa: E402
-from engine.kernels.triton.rms_norm import _rms_norm_fwd, rms_norm  # noqa: E402
-from engine.kernels.triton.rope import rope  # noqa: E402
-from engine.kernels.triton.swiglu import swiglu  # noqa: E402
+from engine.kernels.triton.ops.rms_norm import _rms_norm_fwd, rms_norm  # noqa: E402
+from engine.kernels.triton.ops.rope import rope  # noqa: E402
+from engine.kernels.triton.ops.swiglu import swiglu  # noqa: E402
 
 GPU = torch.cuda.is_available()
 
@@ -112,7 +112,7 @@ def test_fast_and_normal_launches_agree_bit_for_bit(aligned):
 
 @pytest.mark.skipif(not GPU, reason="compiled launches need a GPU")
 def test_pre_run_hooks_still_see_every_launch():
-    from engine.kernels.triton.swiglu import _swiglu_fwd
+    from engine.kernels.triton.ops.swiglu import _swiglu_fwd
 
     seen = []
 

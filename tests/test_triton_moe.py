@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import engine
-from engine.kernels.reference import moe_experts_reference
-from engine.kernels.triton.moe import fused_moe
-from engine.kernels.triton.moe_routing import route
+from engine.kernels.kinds.fused_moe import reference as moe_experts_reference
+from engine.kernels.triton.ops.moe import fused_moe
+from engine.kernels.triton.ops.moe_routing import route
 from engine.testing import tiny_models
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

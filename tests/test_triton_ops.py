@@ -3,11 +3,14 @@
 import pytest
 import torch
 
-from engine.kernels import reference
-from engine.kernels.triton.mrope import mrope_cos_sin
-from engine.kernels.triton.rms_norm import rms_norm
-from engine.kernels.triton.rope import rope
-from engine.kernels.triton.swiglu import swiglu
+from engine.kernels.kinds import mrope
+from engine.kernels.kinds import rms_norm as rms_norm_kind
+from engine.kernels.kinds import rope as rope_kind
+from engine.kernels.kinds import swiglu as swiglu_kind
+from engine.kernels.triton.ops.mrope import mrope_cos_sin
+from engine.kernels.triton.ops.rms_norm import rms_norm
+from engine.kernels.triton.ops.rope import rope
+from engine.kernels.triton.ops.swiglu import swiglu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -45,7 +48,7 @@ def test_rms_norm_matches_reference(shape, dtype):
     w = (torch.randn(shape[-1], device=DEVICE) * 0.2 + 1).to(dtype)
     check(
         lambda a, b: rms_norm(a, b, 1e-6),
-        lambda a, b: reference.rms_norm_reference(a, b, 1e-6),
+        lambda a, b: rms_norm_kind.reference(a, b, 1e-6),
         [x, w],
         dtype,
     )
@@ -57,7 +60,7 @@ def test_rms_norm_gemma_offset(dtype):
     w = (torch.randn(48, device=DEVICE) * 0.2).to(dtype)
     check(
         lambda a, b: rms_norm(a, b, 1e-6, 1.0, True),
-        lambda a, b: reference.rms_norm_reference(a, b, 1e-6, 1.0, "gemma"),
+        lambda a, b: rms_norm_kind.reference(a, b, 1e-6, 1.0, "gemma"),
         [x, w],
         dtype,
     )
@@ -74,7 +77,7 @@ def test_rms_norm_llama_casting_is_bit_exact_forward(dtype, seed):
     torch.manual_seed(seed)
     x = torch.randn(64, 64, device=DEVICE, dtype=dtype)
     w = torch.randn(64, device=DEVICE, dtype=dtype)
-    got, want = rms_norm(x, w, 1e-6), reference.rms_norm_reference(x, w, 1e-6)
+    got, want = rms_norm(x, w, 1e-6), rms_norm_kind.reference(x, w, 1e-6)
     if DEVICE == "cuda":
         assert torch.equal(got, want)
         return
@@ -91,14 +94,14 @@ def test_rms_norm_fp32_weight_promotes_output_like_transformers(dtype):
     w = torch.randn(32, device=DEVICE, dtype=torch.float32)
     out = rms_norm(x, w, 1e-6)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, reference.rms_norm_reference(x, w, 1e-6))
+    torch.testing.assert_close(out, rms_norm_kind.reference(x, w, 1e-6))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_swiglu_matches_reference(dtype):
     gate = torch.randn(3, 7, 301, device=DEVICE, dtype=dtype)
     up = torch.randn(3, 7, 301, device=DEVICE, dtype=dtype)
-    check(swiglu, reference.swiglu_reference, [gate, up], dtype)
+    check(swiglu, swiglu_kind.reference, [gate, up], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -115,7 +118,7 @@ def test_rope_matches_reference_on_transposed_views(dtype, heads):
         return rope(q_, k_, cos, sin)
 
     def ref(q_, k_):
-        return reference.rope_reference(q_, k_, cos.double(), sin.double())
+        return rope_kind.reference(q_, k_, cos.double(), sin.double())
 
     check(ours, ref, [q, k], dtype)
     q_out, _ = rope(q, k, cos, sin)
@@ -126,7 +129,7 @@ def test_rope_broadcast_batch_cos():
     q = torch.randn(3, 2, 5, 16, device=DEVICE)
     k = torch.randn(3, 1, 5, 16, device=DEVICE)
     cos, sin = torch.randn(1, 5, 16, device=DEVICE), torch.randn(1, 5, 16, device=DEVICE)
-    for got, want in zip(rope(q, k, cos, sin), reference.rope_reference(q, k, cos, sin), strict=True):
+    for got, want in zip(rope(q, k, cos, sin), rope_kind.reference(q, k, cos, sin), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -135,24 +138,24 @@ def test_rope_broadcast_batch_cos():
 def test_mrope_cos_sin_matches_reference(layout, section, dtype):
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32, device=DEVICE) / 16))
     pos = torch.randint(0, 500, (3, 2, 9), device=DEVICE)
-    table = reference.mrope_axis_table(8, section, layout).to(DEVICE)
+    table = mrope.axis_table(8, section, layout).to(DEVICE)
     got = mrope_cos_sin(pos, inv_freq, table, 1.0, dtype)
-    want = reference.mrope_cos_sin_reference(pos, inv_freq, table, 1.0, dtype)
+    want = mrope.reference(pos, inv_freq, table, 1.0, dtype)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
 
 
 def test_mrope_axis_tables_match_transformers_layouts():
-    assert reference.mrope_axis_table(8, [2, 3, 3]).tolist() == [0, 0, 1, 1, 1, 2, 2, 2]
-    assert reference.mrope_axis_table(8, [4, 2, 2], "interleaved").tolist() == [0, 1, 2, 0, 1, 2, 0, 0]
+    assert mrope.axis_table(8, [2, 3, 3]).tolist() == [0, 0, 1, 1, 1, 2, 2, 2]
+    assert mrope.axis_table(8, [4, 2, 2], "interleaved").tolist() == [0, 1, 2, 0, 1, 2, 0, 0]
     with pytest.raises(ValueError, match="must sum"):
-        reference.mrope_axis_table(8, [1, 1, 1])
+        mrope.axis_table(8, [1, 1, 1])
 
 
 @pytest.mark.parametrize("two_pass", [0, 1])
 @pytest.mark.parametrize("shape", [(37, 128), (70, 1024), (5, 3, 600)])
 def test_rms_norm_backward_fused_and_two_pass(shape, two_pass):
-    from engine.kernels.triton import rms_norm as module
+    from engine.kernels.triton.ops import rms_norm as module
 
     saved = {key: dict(value) for key, value in module.BWD_TUNING.items()}
     try:
@@ -163,7 +166,7 @@ def test_rms_norm_backward_fused_and_two_pass(shape, two_pass):
         w = torch.randn(shape[-1], device=DEVICE) * 0.2 + 1
         check(
             lambda a, b: rms_norm(a, b, 1e-6),
-            lambda a, b: reference.rms_norm_reference(a, b, 1e-6),
+            lambda a, b: rms_norm_kind.reference(a, b, 1e-6),
             [x, w],
             torch.float32,
         )
@@ -174,14 +177,14 @@ def test_rms_norm_backward_fused_and_two_pass(shape, two_pass):
 
 def test_rms_norm_tail_reduced_weight_grad_stays_right_across_calls():
     """Narrow rows sum dw in the last program through a reused counter: it must be back at 0 after each call."""
-    from engine.kernels.triton import rms_norm as module
+    from engine.kernels.triton.ops import rms_norm as module
 
     for rows in (3, 300, 1, 130, 257, 37):  # 1 to 4 programs (4 is the interpreter's persistent grid)
         x = torch.randn(rows, 128, device=DEVICE, dtype=torch.float32)
         w = torch.randn(128, device=DEVICE) * 0.2 + 1
         (_, got), (_, want) = (
             grads_of(fn, [x, w])
-            for fn in (lambda a, b: rms_norm(a, b, 1e-6), lambda a, b: reference.rms_norm_reference(a, b, 1e-6))
+            for fn in (lambda a, b: rms_norm(a, b, 1e-6), lambda a, b: rms_norm_kind.reference(a, b, 1e-6))
         )
         assert rel(got[1], want[1]) < 1e-5, rows
         assert rel(got[0], want[0]) < 1e-5, rows
@@ -209,5 +212,5 @@ def test_rms_norm_backward_replays_correctly_from_a_cuda_graph():
             x.copy_(torch.randn_like(x))
             dy.copy_(torch.randn_like(dy))
         graph.replay()
-        want = torch.autograd.grad(reference.rms_norm_reference(x, w, 1e-6), (x, w), dy)
+        want = torch.autograd.grad(rms_norm_kind.reference(x, w, 1e-6), (x, w), dy)
         assert rel(dx, want[0]) < 1e-5 and rel(dw, want[1]) < 1e-5

@@ -1,66 +1,107 @@
-"""Base class of every kernel. A kernel is a class: it is registered, asked, and called, never instantiated."""
+"""``MetaKernel``: the base class every kernel inherits. Declaring ``type`` and ``device`` registers a class.
+
+A kernel is a class: registered, asked, and called, never instantiated. ``type`` is a seed
+:class:`KernelType` (``KernelType.RMSNORM``) or a spec kernel kind (``"vision_rope"``); ``kind`` may name the
+kind explicitly where a type has several (``ROPE``: ``rope``, ``vision_rope``, ``mrope``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel
-from torch import nn
 
-from engine.kernels.kernel_types import KernelType, get_kernel_type
-from engine.registry import MetaKernel
+from engine.device import DeviceType, validate_device
+from engine.errors import UnknownKernelError
+from engine.kernels.kinds import DEFAULT_KIND, KINDS, KernelKind, KernelType, get_kind
+from engine.kernels.registry import REGISTRY
 
 
-class Kernel(metaclass=MetaKernel):
-    """Subclasses declare ``type`` (a kernel type name) and ``device``; they register on definition.
+def _normalise(cls: type, namespace: dict[str, Any]) -> None:
+    """Fill ``type``/``kind`` from whichever the class declared, and check that they agree."""
+    declared = str(getattr(namespace["type"], "value", namespace["type"]))
+    kind = namespace.get("kind")
+    if kind is None:
+        seed_types = {t.value: t for t in KernelType}
+        kind = declared if declared in KINDS else DEFAULT_KIND.get(seed_types.get(declared))  # type: ignore[arg-type]
+    if kind not in KINDS:
+        known = ", ".join([t.value for t in KernelType] + list(KINDS))
+        raise UnknownKernelError(f"{cls.__name__}: unknown kernel type {declared!r}; known: {known}")
+    spec_kind = KINDS[kind]
+    if declared not in (kind, spec_kind.type.value):
+        raise UnknownKernelError(f"{cls.__name__}: kind {kind!r} is a {spec_kind.type} kernel, not {declared!r}")
+    cls.type = spec_kind.type  # type: ignore[attr-defined]
+    cls.kind = kind  # type: ignore[attr-defined]
+    cls.device = validate_device(namespace["device"], source=f"{cls.__name__}.device")  # type: ignore[attr-defined]
 
-    Module kernels implement :meth:`module_forward`; function kernels implement :meth:`function`.
-    A patched call whose tensors are not on the kernel's device runs the original code instead.
+
+class KernelMeta(type):
+    """Registers each class that declares both ``type`` and ``device`` in its own body."""
+
+    def __init__(cls, name: str, bases: tuple[type, ...], namespace: dict[str, Any]) -> None:
+        super().__init__(name, bases, namespace)
+        if "type" in namespace and "device" in namespace:
+            _normalise(cls, namespace)
+            REGISTRY.add(cls)
+
+
+class MetaKernel(metaclass=KernelMeta):
+    """Subclass it, declare ``type`` and ``device``, implement :meth:`run`; the class registers itself.
+
+    ``auto_register = False`` keeps the class out of automatic use (``apply_available_kernels``,
+    ``discover_kernels()``): it is applied where an explicit spec or ``apply_kernel`` asks for it.
     """
 
-    type: ClassVar[str]
-    device: ClassVar[str]
+    type: ClassVar[KernelType]
+    device: ClassVar[DeviceType]
+    kind: ClassVar[str]
     auto_register: ClassVar[bool] = True
-    requires: ClassVar[str] = ""
 
     @classmethod
-    def kernel_type(cls) -> KernelType:
-        return get_kernel_type(cls.type)
+    def apply(cls, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+        """``apply_kernel(model, cls)``."""
+        from engine.api import apply_kernel
+
+        return apply_kernel(model, cls, **kwargs)
+
+    @classmethod
+    def kernel_kind(cls) -> KernelKind:
+        return get_kind(cls.kind)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        """``None`` when the kernel's runtime (torch_npu, triton) is importable here, else why not."""
+        """``None`` when the kernel's runtime (torch_npu, triton) can run here, else why not."""
         return None
+
+    @classmethod
+    def tensor_devices(cls) -> frozenset[str]:
+        """Device types of tensors that take the kernel path (decided when the patch is installed)."""
+        return frozenset({str(cls.device)})
 
     @classmethod
     def incompatibility(cls, target: Any, options: BaseModel) -> str | None:
-        """Device-specific limits on a target beyond the kernel type's shared check."""
+        """Plan-time limits of this device's kernel on a target, beyond the kind's shared check."""
         return None
 
     @classmethod
-    def runs_on(cls, tensor: torch.Tensor) -> bool:
-        """Whether a call with this tensor should take the kernel path."""
-        return tensor.device.type == cls.device
+    def supports(cls, options: BaseModel, *args: Any) -> bool:
+        """Per call: whether the kernel handles these arguments (shapes, dtypes); otherwise the original runs."""
+        return True
 
     @classmethod
-    def module_forward(cls, module: nn.Module, options: BaseModel, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(f"{cls.__name__} does not patch modules")
-
-    @classmethod
-    def function(cls, original: Callable[..., Any], options: BaseModel, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(f"{cls.__name__} does not patch functions")
+    def run(cls, target: Any, options: BaseModel, *args: Any) -> Any:
+        """The replacement computation; ``target`` is the patched module, or the original function."""
+        raise NotImplementedError(f"{cls.__name__} does not implement run()")
 
     @classmethod
     def describe(cls) -> str:
-        manual = "" if cls.auto_register else " (manual: spec/apply_kernel only)"
-        return f"{cls.__name__}: {cls.type} on {cls.device}{manual}"
+        manual = "" if cls.auto_register else " (manual: explicit spec or apply_kernel)"
+        return f"{cls.__name__}: {cls.kind} ({cls.type.name}) on {cls.device}{manual}"
 
 
-def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """The first tensor among call arguments (used to pick kernel vs original path)."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
+Kernel = MetaKernel  # the name earlier engine releases used
+
+
+def is_kernel_class(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, MetaKernel) and hasattr(obj, "kind")

@@ -8,6 +8,7 @@ It marks itself with ``__engine_standin__`` so NPU kernels accept CPU tensors on
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 from collections import Counter
@@ -130,6 +131,8 @@ def npu_moe_token_unpermute(
 
 def build_module() -> types.ModuleType:
     module = types.ModuleType("torch_npu")
+    # A real module has a spec; importlib.util.find_spec("torch_npu") (accelerate, transformers) needs it.
+    module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
     module.__engine_standin__ = True  # type: ignore[attr-defined]
     for fn in (
         npu_rms_norm,

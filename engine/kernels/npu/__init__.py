@@ -1,14 +1,26 @@
-"""Ascend NPU kernels (torch_npu). Importing this package registers them; torch_npu is imported lazily."""
+"""Ascend NPU kernels (torch_npu, imported lazily). Importing this package registers every kernel module in it."""
 
-from engine.kernels.npu.moe import NpuMoEFusedMoEKernel
-from engine.kernels.npu.rms_norm import NpuRMSNormKernel
-from engine.kernels.npu.rope import NpuQwen2VLRoPEKernel, NpuRoPEKernel
-from engine.kernels.npu.swiglu import NpuSwiGluKernel
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+from engine.kernels.npu.fused_moe import NpuFusedMoEKernel, NpuMoEFusedMoEKernel  # noqa: E402
+from engine.kernels.npu.rms_norm import NpuRMSNormKernel  # noqa: E402
+from engine.kernels.npu.rope import NpuRoPEKernel  # noqa: E402
+from engine.kernels.npu.swiglu import NpuSwiGLUKernel, NpuSwiGluKernel  # noqa: E402
+from engine.kernels.npu.vision_rope import NpuQwen2VLRoPEKernel  # noqa: E402
 
 __all__ = [
+    "NpuFusedMoEKernel",
     "NpuMoEFusedMoEKernel",
     "NpuQwen2VLRoPEKernel",
     "NpuRMSNormKernel",
     "NpuRoPEKernel",
+    "NpuSwiGLUKernel",
     "NpuSwiGluKernel",
 ]

@@ -1,16 +1,13 @@
-"""Shared plumbing of the Ascend kernels: lazy ``torch_npu`` import and device routing."""
+"""Shared plumbing of the Ascend kernels: the lazy ``torch_npu`` import and which tensors take the NPU path."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 from types import ModuleType
-from typing import ClassVar
-
-import torch
 
 from engine.device import torch_npu_installed
-from engine.kernels.base import Kernel
+from engine.kernels.base import MetaKernel
 
 INSTALL_HINT = "torch_npu is not installed (pip install 'engine[npu]' on an Ascend machine)"
 
@@ -20,10 +17,13 @@ def torch_npu() -> ModuleType:
     return sys.modules.get("torch_npu") or importlib.import_module("torch_npu")
 
 
-class NpuKernel(Kernel):
-    """Base of the NPU kernels (declares no type/device itself, so it does not register)."""
+def standin_active() -> bool:
+    """The CPU stand-in used by the test-suite marks itself; the real torch_npu never does."""
+    return bool(getattr(sys.modules.get("torch_npu"), "__engine_standin__", False))
 
-    requires: ClassVar[str] = "torch_npu"
+
+class NpuKernel(MetaKernel):
+    """Base of the NPU kernels (declares no type/device itself, so it does not register)."""
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -36,8 +36,5 @@ class NpuKernel(Kernel):
         return None
 
     @classmethod
-    def runs_on(cls, tensor: torch.Tensor) -> bool:
-        if tensor.device.type == "npu":
-            return True
-        # The CPU stand-in used by the test-suite marks itself; the real torch_npu never does.
-        return tensor.device.type == "cpu" and getattr(sys.modules.get("torch_npu"), "__engine_standin__", False)
+    def tensor_devices(cls) -> frozenset[str]:
+        return frozenset({"npu", "cpu"}) if standin_active() else frozenset({"npu"})

@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from engine.kernels.triton.launch import launch
-from engine.kernels.triton.moe_routing import Routing, choose_block_m, route
+from engine.kernels.triton.ops.moe_routing import Routing, choose_block_m, route
+from engine.kernels.triton.ops.swiglu import silu_mul, silu_mul_backward
 from engine.kernels.triton.runtime import interpreting, next_power_of_2
-from engine.kernels.triton.swiglu import silu_mul, silu_mul_backward
 
 # Epilogue selectors: host-side ints, and the same values as constexpr globals for use inside kernels.
 PLAIN, SCALE_ROWS, SWIGLU_FWD, SWIGLU_BWD = 0, 1, 2, 3

@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from engine.kernels.kinds import KernelType
 from engine.kernels.npu.base import NpuKernel, torch_npu
 
 GROUP_LIST_COUNTS = 1  # group_list holds per-group sizes, not cumulative offsets
@@ -20,8 +21,8 @@ GROUP_ON_M = 0
 MAX_GROUPS = 128  # documented limit of npu_grouped_matmul's group_list
 
 
-class NpuMoEFusedMoEKernel(NpuKernel):
-    type = "fused_moe"
+class NpuFusedMoEKernel(NpuKernel):
+    type = KernelType.MOE
     device = "npu"
 
     @classmethod
@@ -32,7 +33,7 @@ class NpuMoEFusedMoEKernel(NpuKernel):
         return None
 
     @classmethod
-    def module_forward(
+    def run(
         cls,
         module: nn.Module,
         options: BaseModel,
@@ -59,3 +60,6 @@ class NpuMoEFusedMoEKernel(NpuKernel):
         expert_out = grouped(activated, module.down_proj)
         out = npu.npu_moe_token_unpermute(expert_out, sorted_indices, probs=top_k_weights.to(expert_out.dtype))
         return out.to(hidden_states.dtype)
+
+
+NpuMoEFusedMoEKernel = NpuFusedMoEKernel  # the seed's name

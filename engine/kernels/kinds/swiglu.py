@@ -1,0 +1,57 @@
+"""``swiglu``: a gate/up/down MLP computing ``down(silu(gate(x)) * up(x))``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine.kernels.kinds.base import (
+    KernelKind,
+    KernelType,
+    NoOptions,
+    is_layer,
+    is_silu,
+    mismatch,
+    probe_tensor,
+    probe_twin,
+)
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The gated activation, in the input dtype like transformers."""
+    return F.silu(gate) * up
+
+
+def check(module: Any, options: NoOptions) -> str | None:
+    for name in PROJECTIONS:
+        if not is_layer(getattr(module, name, None)):
+            return f"module has no `{name}` layer"
+    act = getattr(module, "act_fn", None)
+    if not is_silu(act):
+        return f"activation {type(act).__name__} is not SiLU: SwiGLU would change the math"
+    return None
+
+
+def _in_features(layer: Any) -> int | None:
+    weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
+    return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+def probe(module: Any, options: NoOptions) -> str | None:
+    twin = probe_twin(module)
+    hidden = _in_features(module.gate_proj)
+    if twin is None or hidden is None:
+        return None
+    weight = getattr(twin.gate_proj, "base_layer", twin.gate_proj).weight
+    x = probe_tensor(3, hidden, like=weight)
+    with torch.no_grad():
+        got = twin.forward(x)
+        want = twin.down_proj(reference(twin.gate_proj(x), twin.up_proj(x)))
+    return mismatch(got, want)
+
+
+KIND = KernelKind("swiglu", KernelType.SWIGLU, "module", ("x",), check, probe)
