@@ -175,14 +175,16 @@ def apply_kernel(
 def discover_kernels(
     model: nn.Module | None = None, device: str | None = None, spec_dirs: SpecDirs = ()
 ) -> list[type[MetaKernel]]:
-    """Without a model: the registered kernels of this device. With one: those that would patch it."""
+    """Without a model: the registered kernels of this device. With one: those that patch it (already, or if
+    ``apply_available_kernels`` ran now)."""
+    device = validate_device(device) if device else detect_device()
     if model is None:
-        return REGISTRY.registered(validate_device(device) if device else detect_device())
-    found: list[type[MetaKernel]] = []
-    for planned in plan(model, None, device, spec_dirs=spec_dirs).patches:
-        if planned.kernel not in found:
-            found.append(planned.kernel)
-    return found
+        return REGISTRY.registered(device)
+    current = [
+        p.installed.kernel for h in handles(model) if h.report.device == device for p in (*h.modules, *h.functions)
+    ]
+    planned = [p.kernel for p in plan(model, None, device, spec_dirs=spec_dirs).patches]
+    return list(dict.fromkeys(current + planned))
 
 
 def handles(model: nn.Module) -> list[PatchHandle]:
