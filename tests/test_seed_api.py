@@ -143,7 +143,8 @@ def test_discover_kernels_without_a_model_lists_this_devices_registered_kernels(
 def test_apply_kernel_of_another_device_is_a_value_error_naming_detected_device(accelerator):
     accelerator(None)
     model = tiny_qwen2()
-    with pytest.raises(ValueError, match=r"NpuRMSNormKernel is a npu kernel but this process runs on cpu.*ENGINE_DEVICE"):
+    expected = r"NpuRMSNormKernel is a npu kernel but this process runs on cpu.*ENGINE_DEVICE"
+    with pytest.raises(ValueError, match=expected):
         apply_kernel(model, NpuRMSNormKernel)
     with pytest.raises(engine.DeviceMismatchError):
         NpuRMSNormKernel.apply(model)
