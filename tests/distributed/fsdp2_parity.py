@@ -1,0 +1,123 @@
+"""FSDP2 parity: unpatched vs patched-before vs patched-after ``fully_shard``, any number of ranks.
+
+    torchrun --nproc-per-node 2 tests/distributed/fsdp2_parity.py --device cuda --model qwen3_8l --out res.json
+    torchrun --nproc-per-node 2 tests/distributed/fsdp2_parity.py --device cpu          # gloo, NPU stand-in
+
+Each variant trains the same model from the same seed for ``--steps`` steps (AdamW), sharded per decoder layer
+and then at the root. Rank 0 writes per-variant losses and median step times as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import engine
+from engine.testing import tiny_models
+
+VARIANTS = ("unpatched", "patch_before_shard", "patch_after_shard")
+
+
+def build(name: str, device: str) -> torch.nn.Module:
+    if name == "tiny":
+        return tiny_models.build("qwen3")
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=4096,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).train()
+
+
+def run(variant: str, args: argparse.Namespace, mesh, device: torch.device) -> dict:
+    model = build(args.model, device.type).to(device)
+    spec = "qwen3"
+    if variant == "patch_before_shard":
+        engine.apply(model, spec=spec, verbose=False)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    report = None
+    if variant == "patch_after_shard":
+        report = engine.apply(model, spec=spec, verbose=False).report
+    if variant != "unpatched":
+        report = report or engine.kernel_report(model)
+        assert {p.entry for p in report.patched} >= {"rms_norm", "swiglu", "rope"}, report.summary()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(100 + dist.get_rank())
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(device)
+    losses, times = [], []
+    for _ in range(args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+        losses.append(float(loss.detach()))
+    engine.revert(model)
+    return {"losses": losses, "ms_per_step_median": statistics.median(times[1:] or times), "report": str(report)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--model", default="tiny", choices=["tiny", "qwen3_8l"])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=12)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rank = int(os.environ["RANK"])
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", torch.cuda.current_device())
+        dist.init_process_group("nccl")
+        standin = contextlib.nullcontext()
+    else:  # NPU kernels on CPU tensors through the torch_npu stand-in
+        from engine.testing.torch_npu_standin import torch_npu_standin
+
+        os.environ["ENGINE_DEVICE"] = "npu"
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+        standin = torch_npu_standin()
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    with standin:
+        results = {variant: run(variant, args, mesh, device) for variant in VARIANTS}
+    dist.barrier()
+    if rank == 0:
+        payload = {"world_size": dist.get_world_size(), "model": args.model, "device": args.device, **results}
+        text = json.dumps(payload, indent=2)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        print(text)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
