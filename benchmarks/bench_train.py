@@ -1,90 +1,92 @@
-"""End-to-end training step with and without engine kernels (random-init models, no hub access).
+"""End-to-end training step: transformers, torch.compile, Liger-Kernel and the engine, in one run.
 
-    python benchmarks/bench_train.py [--models qwen3_0.6b qwen3_moe_4l] [--steps 10]
+    python -m benchmarks.bench_train [--models qwen3_0.6b qwen2.5_0.5b qwen3_moe_4l] [--variants ...] [--steps 10]
 
-B4 x T2048, bf16 parameters, AdamW. Reports ms/step, tokens/s and peak memory, and the first-step loss of both
-variants (same seed, same data) as a parity check. Writes train_<gpu>.json and train_<gpu>.png.
+Random-init models of real shapes (no hub access), bf16 parameters, AdamW, B4 x T2048 by default. Every
+(model, variant) runs in its own process, because Liger patches transformers classes process-wide and so that
+one run's memory does not leak into the next. Reports the median ms/step of the timed steps, tokens/s, peak
+memory of the steady state (after warm-up) and the first-step loss, whose agreement across variants is the
+numerics check. Writes train_<gpu>.json and train_<gpu>.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import engine  # noqa: E402
-from benchmarks.common import RESULTS_DIR, environment, write_json  # noqa: E402
-from benchmarks.plots import plot_train  # noqa: E402
+from benchmarks.common import RESULTS_DIR, environment, write_json
+from benchmarks.models import build_model, spec_of, vocab_of
 
-ROPE = {"rope_type": "default", "rope_theta": 1_000_000.0}
-
-
-def build(name: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
-
-    if name == "qwen3_0.6b":
-        config = Qwen3Config(
-            vocab_size=151936,
-            hidden_size=1024,
-            intermediate_size=3072,
-            num_hidden_layers=28,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            head_dim=128,
-            tie_word_embeddings=True,
-            max_position_embeddings=40960,
-            rope_parameters=ROPE,
-        )
-    elif name == "qwen3_moe_4l":
-        config = Qwen3MoeConfig(
-            vocab_size=151936,
-            hidden_size=2048,
-            intermediate_size=6144,
-            num_hidden_layers=4,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            head_dim=128,
-            moe_intermediate_size=768,
-            num_experts=128,
-            num_experts_per_tok=8,
-            norm_topk_prob=True,
-            max_position_embeddings=40960,
-            rope_parameters=ROPE,
-        )
-    else:
-        raise SystemExit(f"unknown model {name}")
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    return model.train()
+VARIANTS = {
+    "transformers": "transformers as is",
+    "engine": "engine kernels (explicit spec, fused MoE included; no linear cross-entropy)",
+    "engine+lce": "engine kernels with the fused linear cross-entropy",
+    "transformers+compile": "torch.compile(model) of the unpatched model",
+    "engine+compile": "engine kernels, then torch.compile(model)",
+    "engine+lce+compile": "engine kernels with linear cross-entropy, then torch.compile(model)",
+    "liger": "Liger-Kernel RMSNorm/SwiGLU/RoPE",
+    "liger+flce": "Liger-Kernel RMSNorm/SwiGLU/RoPE + fused linear cross-entropy",
+}
+DEFAULT_VARIANTS = ["transformers", "engine", "transformers+compile", "engine+compile", "liger", "liger+flce"]
 
 
-def spec_of(name: str) -> str:
-    return "qwen3" if name == "qwen3_0.6b" else "qwen3_moe"
+def _engine_spec(model_name: str, with_lce: bool):
+    """The model's built-in spec, without its linear cross-entropy entry unless asked for."""
+    from engine.catalog import find_spec
+
+    spec = find_spec(spec_of(model_name))
+    if with_lce:
+        return spec
+    entries = [e for e in spec.entries if e.kernel != "linear_cross_entropy"]
+    return spec.model_copy(update={"entries": entries})
 
 
-def run(name: str, kernels: bool, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def _apply_liger(model: torch.nn.Module, model_name: str, flce: bool) -> None:
+    import liger_kernel.transformers as liger
+
+    family = {"qwen3_0.6b": "qwen3", "qwen2.5_0.5b": "qwen2", "qwen3_moe_4l": "qwen3_moe"}[model_name]
+    getattr(liger, f"apply_liger_kernel_to_{family}")(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=flce, model=model
+    )
+
+
+def prepare(model_name: str, variant: str) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    model = build_model(model_name)
+    report = None
+    if variant.startswith("engine"):
+        import engine
+
+        handle = engine.apply(model, spec=_engine_spec(model_name, "+lce" in variant), device="cuda")
+        report = handle.report.to_dict()
+    elif variant.startswith("liger"):
+        _apply_liger(model, model_name, flce=variant == "liger+flce")
+    if variant.endswith("+compile"):
+        model = torch.compile(model)
+    return model, report
+
+
+def run_one(model_name: str, variant: str, batch: int, seq: int, steps: int, warmup: int) -> dict[str, Any]:
     from tqdm import tqdm
 
-    model = build(name)
-    report = None
-    if kernels:
-        handle = engine.apply(model, spec=spec_of(name), device="cuda")
-        report = handle.report.to_dict()
+    torch.manual_seed(0)
+    model, report = prepare(model_name, variant)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    vocab = vocab_of(model_name)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    data = [torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda", generator=gen) for _ in range(4)]
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    data = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=gen) for _ in range(4)]
     times, losses = [], []
-    label = f"{name} {'engine' if kernels else 'baseline'}"
-    for step in tqdm(range(warmup + steps), desc=label, unit="step"):
+    compile_s = 0.0
+    for step in tqdm(range(warmup + steps), desc=f"{model_name} {variant}", unit="step", file=sys.stderr):
+        if step == warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         ids = data[step % len(data)]
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -93,56 +95,122 @@ def run(name: str, kernels: bool, batch: int, seq: int, steps: int, warmup: int)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if step == 0:
+            compile_s = elapsed
         if step >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
+            times.append(elapsed * 1e3)
         losses.append(float(loss))
     times.sort()
     ms = times[len(times) // 2]
-    result = {
-        "model": name,
-        "kernels": kernels,
+    return {
+        "model": model_name,
+        "variant": variant,
         "ms_per_step_median": ms,
         "ms_per_step_all": times,
         "tokens_per_s": batch * seq / (ms / 1e3),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "first_step_s": compile_s,
         "losses": losses,
         "patch_report": report,
     }
-    del model, optimizer, data
-    gc.collect()
-    torch.cuda.empty_cache()
-    return result
+
+
+def run_isolated(args: argparse.Namespace, model_name: str, variant: str) -> dict[str, Any]:
+    """One (model, variant) in a fresh process; an out-of-memory or crash is recorded, not fatal."""
+    command = [sys.executable, "-m", "benchmarks.bench_train", "--worker", model_name, variant]
+    command += ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+    command += ["--warmup", str(args.warmup)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": model_name, "variant": variant, "error": f"timed out after {args.timeout} s"}
+    sys.stderr.write(done.stderr[-2000:])
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        oom = "out of memory" in done.stderr.lower()
+        return {"model": model_name, "variant": variant, "error": "out of memory" if oom else tail[-300:]}
+    return json.loads(lines[-1])
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per model: each variant's ms/step and peak GiB, and the ratios the issues ask about."""
+    summary: dict[str, dict[str, Any]] = {}
+    for row in results:
+        entry = summary.setdefault(row["model"], {})
+        if "error" in row:
+            entry[row["variant"]] = {"error": row["error"]}
+            continue
+        entry[row["variant"]] = {
+            "ms": row["ms_per_step_median"],
+            "peak_gib": row["peak_mem_gib"],
+            "first_loss": row["losses"][0],
+        }
+    for entry in summary.values():
+        ms = {k: v["ms"] for k, v in entry.items() if "ms" in v}
+        ratios = {}
+        for fast, base in (
+            ("engine", "transformers"),
+            ("engine+compile", "transformers+compile"),
+            ("engine+lce+compile", "transformers+compile"),
+            ("engine+lce", "engine"),
+            ("engine+lce", "liger+flce"),
+        ):
+            if fast in ms and base in ms:
+                ratios[f"{fast} / {base}"] = ms[fast] / ms[base]
+        entry["time_ratios"] = ratios
+    return summary
+
+
+def print_table(summary: dict[str, dict[str, Any]]) -> None:
+    for model_name, entry in summary.items():
+        print(f"\n{model_name}")
+        for variant, row in entry.items():
+            if variant == "time_ratios":
+                continue
+            if "error" in row:
+                print(f"  {variant:22s} {row['error']}")
+            else:
+                ms, gib, loss = row["ms"], row["peak_gib"], row["first_loss"]
+                print(f"  {variant:22s} {ms:8.1f} ms/step {gib:6.1f} GiB  loss0 {loss:.5f}")
+        for name, ratio in entry["time_ratios"].items():
+            print(f"  ratio {name}: {ratio:.3f}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--models", nargs="+", default=["qwen3_0.6b", "qwen3_moe_4l"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["qwen3_0.6b", "qwen2.5_0.5b", "qwen3_moe_4l"])
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--timeout", type=int, default=420, help="seconds per (model, variant) process")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    results, summary = [], {}
-    for name in args.models:
-        base = run(name, False, args.batch, args.seq, args.steps, args.warmup)
-        fast = run(name, True, args.batch, args.seq, args.steps, args.warmup)
-        results += [base, fast]
-        summary[name] = {
-            "baseline_ms": base["ms_per_step_median"],
-            "engine_ms": fast["ms_per_step_median"],
-            "speedup": base["ms_per_step_median"] / fast["ms_per_step_median"],
-            "baseline_tokens_per_s": base["tokens_per_s"],
-            "engine_tokens_per_s": fast["tokens_per_s"],
-            "baseline_peak_gib": base["peak_mem_gib"],
-            "engine_peak_gib": fast["peak_mem_gib"],
-            "first_step_loss": {"baseline": base["losses"][0], "engine": fast["losses"][0]},
-        }
-        print(f"{name}: {summary[name]}")
+    if args.worker:
+        print(json.dumps(run_one(*args.worker, args.batch, args.seq, args.steps, args.warmup)))
+        return
+    results = [run_isolated(args, m, v) for m in args.models for v in args.variants]
+    summary = summarise(results)
+    print_table(summary)
     gpu = torch.cuda.get_device_name().replace(" ", "_")
-    payload = {"environment": environment(), "batch": args.batch, "seq": args.seq, "summary": summary, "runs": results}
-    write_json(args.out / f"train_{gpu}.json", payload)
-    plot_train(payload, args.out / f"train_{gpu}.png")
+    payload = {
+        "environment": environment(),
+        "batch": args.batch,
+        "seq": args.seq,
+        "variants": {v: VARIANTS[v] for v in args.variants},
+        "summary": summary,
+        "runs": results,
+    }
+    from benchmarks.plots import plot_train
+
+    name = f"train_{gpu}{'_' + args.tag if args.tag else ''}"
+    write_json(args.out / f"{name}.json", payload)
+    plot_train(payload, args.out / f"{name}.png")
 
 
 if __name__ == "__main__":

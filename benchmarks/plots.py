@@ -1,6 +1,6 @@
 """Plots rendered from the benchmark JSON files, so they can be redrawn without a GPU:
 
-python benchmarks/plots.py benchmarks/results/*.json
+python -m benchmarks.plots benchmarks/results/*.json
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import bar_plot  # noqa: E402
+from benchmarks.common import bar_plot
 
 
 def plot_kernels(payload: dict[str, Any], path: Path) -> None:
@@ -38,11 +37,14 @@ def plot_moe(payload: dict[str, Any], path: Path) -> None:
 
 def plot_train(payload: dict[str, Any], path: Path) -> None:
     groups: dict[str, dict[str, float]] = {}
-    for name, s in payload["summary"].items():
-        groups[f"{name}\nms/step"] = {"baseline": s["baseline_ms"], "engine": s["engine_ms"]}
-        groups[f"{name}\npeak GiB"] = {"baseline": s["baseline_peak_gib"], "engine": s["engine_peak_gib"]}
+    for name, entry in payload["summary"].items():
+        for variant, row in entry.items():
+            if variant == "time_ratios" or "ms" not in row:
+                continue
+            groups.setdefault(f"{name}\nms/step", {})[variant] = row["ms"]
+            groups.setdefault(f"{name}\npeak GiB", {})[variant] = row["peak_gib"]
     gpu = payload["environment"].get("gpu", "GPU")
-    bar_plot(path, f"training step B{payload['batch']}xT{payload['seq']} on {gpu}", groups, "ms / GiB")
+    bar_plot(path, f"training step B{payload['batch']}xT{payload['seq']} on {gpu}; lower is better", groups, "ms / GiB")
 
 
 PLOTTERS = {"kernels": plot_kernels, "moe": plot_moe, "train": plot_train}

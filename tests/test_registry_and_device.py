@@ -101,3 +101,42 @@ def test_npu_is_not_detected_without_torch_npu(monkeypatch):
 
     monkeypatch.setattr(device, "torch_npu_installed", lambda: False)
     assert device._npu_available() is False
+
+
+@pytest.mark.parametrize(
+    "class_auto, entry_auto, automatic",
+    [(True, None, True), (False, None, False), (True, False, False), (False, True, True), (True, True, True)],
+)
+def test_one_manual_rule_entry_overrides_class_default(class_auto, entry_auto, automatic, npu_standin):
+    """A spec entry's auto_register decides when set; otherwise the kernel class's attribute does."""
+    from engine.planner import is_automatic
+    from engine.spec import KernelSpec
+    from engine.testing import tiny_models
+
+    class Norm(MetaKernel):
+        type = engine.KernelType.RMSNORM
+        device = "xpu"
+        auto_register = class_auto
+
+        @classmethod
+        def tensor_devices(cls) -> frozenset[str]:
+            return frozenset({"cpu"})
+
+        @classmethod
+        def run(cls, module, options, x):
+            return type(module).forward(module, x)
+
+    entry = {"name": "norm", "kernel": "rms_norm", "target": {"module_class": "LlamaRMSNorm"}}
+    if entry_auto is not None:
+        entry["auto_register"] = entry_auto
+    spec = KernelSpec.model_validate({"name": "s", "model_types": ["llama"], "entries": [entry]})
+    try:
+        assert is_automatic(spec.entries[0], Norm) is automatic
+        model = tiny_models.build("llama")
+        automatic_plan = engine.plan(model, spec, device="xpu", include_manual=False)
+        assert bool(automatic_plan.patches) is automatic
+        if not automatic:
+            assert "manual" in automatic_plan.skipped[0].reason
+        assert engine.plan(model, spec, device="xpu").patches  # an explicit spec applies manual entries too
+    finally:
+        REGISTRY.remove(Norm)

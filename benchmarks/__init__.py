@@ -1,0 +1,1 @@
+"""GPU benchmark scripts, run as modules: python -m benchmarks.<script>."""
