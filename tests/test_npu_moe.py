@@ -145,6 +145,8 @@ def test_group_limit_is_1024_experts(npu_standin):
     assert "1024 groups" in NpuFusedMoEKernel.incompatibility(meta, NoOptions())
     meta.gate_up_proj = torch.empty(1024, 64, 32, device="meta")
     assert NpuFusedMoEKernel.incompatibility(meta, NoOptions()) is None
+    meta._is_expert_parallel = True  # transformers' expert parallelism routes to a sentinel id
+    assert "expert-parallel" in NpuFusedMoEKernel.incompatibility(meta, NoOptions())
 
 
 def test_more_than_128_experts_are_fused(npu_standin):

@@ -40,6 +40,8 @@ class NpuFusedMoEKernel(NpuKernel):
     @classmethod
     def incompatibility(cls, module: nn.Module, options: BaseModel) -> str | None:
         experts, two_i, hidden = module.gate_up_proj.shape
+        if getattr(module, "_is_expert_parallel", False):  # routes other ranks' tokens to a sentinel expert id
+            return "expert-parallel experts (sentinel expert ids) are not fused"
         if experts > MAX_GROUPS:
             return f"{experts} experts exceed npu_grouped_matmul's {MAX_GROUPS} groups"
         if max(two_i, hidden) >= INNER_LIMIT:
