@@ -98,7 +98,8 @@ def test_function_patch_takes_keywords(npu_standin):
     from engine.testing.torch_npu_standin import calls
 
     q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8)
-    cos, sin = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    angles = torch.rand(1, 5, 8) * 6.28
+    cos, sin = angles.cos(), angles.sin()
     want = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
     with engine.apply(tiny_models.build("llama"), spec="llama", verbose=False):
         calls.clear()
