@@ -4,6 +4,7 @@
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -79,9 +80,8 @@ def test_built_wheel_finds_every_spec_and_the_schema_outside_the_checkout(tmp_pa
         "print(json.dumps([engine.__file__, str(s.BUILTIN_SPEC_DIR), sorted(engine.load_catalog()), "
         "json.loads(s.SCHEMA_PATH.read_text())]))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(site)}, capture_output=True, text=True
-    )
+    env = {k: v for k, v in os.environ.items() if k != "ENGINE_KERNEL_SPECS"} | {"PYTHONPATH": str(site)}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     module_file, spec_dir, names_found, schema = json.loads(done.stdout.splitlines()[-1])
     assert module_file.startswith(str(site)) and spec_dir == str(site / "engine" / "kernel_specs")
