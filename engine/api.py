@@ -22,6 +22,7 @@ from engine.spec import KernelSpec
 
 SpecLike = str | Path | KernelSpec
 SpecDirs = Iterable[str | Path]
+Modules = Iterable[str]  # modules beyond transformers that function targets may name (engine.spec.allow)
 
 
 def no_spec_message(model: nn.Module) -> str:
@@ -32,10 +33,10 @@ def no_spec_message(model: nn.Module) -> str:
     )
 
 
-def _specs_for(model: nn.Module, spec: SpecLike | None, spec_dirs: SpecDirs) -> list[KernelSpec]:
+def _specs_for(model: nn.Module, spec: SpecLike | None, spec_dirs: SpecDirs, allow: Modules) -> list[KernelSpec]:
     if spec is None:
-        return specs_for_model_type(model_type_of(model), spec_dirs)
-    chosen = find_spec(spec, spec_dirs)
+        return specs_for_model_type(model_type_of(model), spec_dirs, allow)
+    chosen = find_spec(spec, spec_dirs, allow)
     if model_type_of(model) not in chosen.model_types:
         log.warn(f"spec {chosen.name!r} is for {chosen.model_types}, the model is {model_type_of(model)!r}")
     return [chosen]
@@ -47,10 +48,11 @@ def plan(
     device: str | None = None,
     include_manual: bool | None = None,
     spec_dirs: SpecDirs = (),
+    allow_modules: Modules = (),
 ) -> Plan:
     """What would be patched, without patching. Manual entries count only with an explicit spec."""
     device = validate_device(device) if device else detect_device()
-    specs = _specs_for(model, spec, spec_dirs)
+    specs = _specs_for(model, spec, spec_dirs, allow_modules)
     result = Planner(model, device, spec is not None if include_manual is None else include_manual).plan(specs)
     if not specs:
         result.skipped.append(_no_spec_item(model))
@@ -111,22 +113,27 @@ def apply(
     device: str | None = None,
     spec_dirs: SpecDirs = (),
     verbose: bool = True,
+    allow_modules: Modules = (),
 ) -> PatchHandle:
     """Apply a spec (by name, path or object) to ``model``; with no spec, every spec for its model type.
 
     An explicit spec applies its manual entries too. Returns a handle with ``.report`` and ``.revert()``.
     """
-    return install(model, plan(model, spec, device, spec_dirs=spec_dirs), verbose)
+    return install(model, plan(model, spec, device, spec_dirs=spec_dirs, allow_modules=allow_modules), verbose)
 
 
 def apply_available_kernels(
-    model: nn.Module, device: str | None = None, spec_dirs: SpecDirs = (), verbose: bool = True
+    model: nn.Module,
+    device: str | None = None,
+    spec_dirs: SpecDirs = (),
+    verbose: bool = True,
+    allow_modules: Modules = (),
 ) -> nn.Module:
     """Patch every automatic kernel that fits ``model`` on the detected device; returns the model.
 
     A model type no spec declares is reported with a warning saying how to add a spec.
     """
-    handle = apply(model, None, device, spec_dirs, verbose)
+    handle = apply(model, None, device, spec_dirs, verbose, allow_modules)
     if not handle.report.specs:
         log.warn(no_spec_message(model))
     return model
@@ -149,7 +156,11 @@ def _check_requested(kernel: Any, device: DeviceType) -> None:
 
 
 def apply_kernel(
-    model: nn.Module, kernel: type[MetaKernel], spec_dirs: SpecDirs = (), verbose: bool = True
+    model: nn.Module,
+    kernel: type[MetaKernel],
+    spec_dirs: SpecDirs = (),
+    verbose: bool = True,
+    allow_modules: Modules = (),
 ) -> nn.Module:
     """Patch one kernel class into every target its kind has in the model's specs (manual kernels too).
 
@@ -159,7 +170,7 @@ def apply_kernel(
     """
     device = detect_device()
     _check_requested(kernel, device)
-    specs = _specs_for(model, None, spec_dirs)
+    specs = _specs_for(model, None, spec_dirs, allow_modules)
     if not specs:
         raise NoSpecError(no_spec_message(model))
     result = Planner(model, device, include_manual=True).plan(specs, only_kernel=kernel)
@@ -173,7 +184,7 @@ def apply_kernel(
 
 
 def discover_kernels(
-    model: nn.Module | None = None, device: str | None = None, spec_dirs: SpecDirs = ()
+    model: nn.Module | None = None, device: str | None = None, spec_dirs: SpecDirs = (), allow_modules: Modules = ()
 ) -> list[type[MetaKernel]]:
     """Without a model: the registered kernels of this device. With one: those that patch it (already, or if
     ``apply_available_kernels`` ran now)."""
@@ -183,7 +194,7 @@ def discover_kernels(
     current = [
         p.installed.kernel for h in handles(model) if h.report.device == device for p in (*h.modules, *h.functions)
     ]
-    planned = [p.kernel for p in plan(model, None, device, spec_dirs=spec_dirs).patches]
+    planned = [p.kernel for p in plan(model, None, device, spec_dirs=spec_dirs, allow_modules=allow_modules).patches]
     return list(dict.fromkeys(current + planned))
 
 

@@ -194,6 +194,9 @@ class Planner:
             return f"target check failed: {type(exc).__name__}: {exc}"
 
     def _plan_function(self, spec: KernelSpec, entry: SpecEntry, kind: KernelKind, kernel: Any) -> Outcome:
+        refused = entry.target.import_refusal()  # validation refuses it first; this guards hand-built targets
+        if refused:
+            return self._skip(spec, entry, refused)
         resolved = _resolve_function(entry.target.function or "")
         if isinstance(resolved, str):
             return self._skip(spec, entry, resolved)

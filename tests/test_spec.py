@@ -70,7 +70,10 @@ def test_unknown_kernel_is_named(tmp_path):
     "entry, fragment",
     [
         ("  - name: x\n    kernel: rope\n    target: {module_class: X}\n", "use target.function"),
-        ("  - name: x\n    kernel: rms_norm\n    target: {module_class: X, function: a.b}\n", "exactly one"),
+        (
+            "  - name: x\n    kernel: rms_norm\n    target: {module_class: X, function: transformers.a.b}\n",
+            "exactly one",
+        ),
         (
             "  - name: x\n    kernel: rms_norm\n    target: {module_class: X}\n    options: {offset: 1}\n",
             "offset",
