@@ -258,8 +258,8 @@ def probe(model: Any, options: LinearCrossEntropyOptions) -> str | None:
     """The module's own forward with labels against :func:`fused_forward` with the :func:`reference` math.
 
     Catches forwards that do more between the head and the loss than the kind declares (a logit scale, another
-    loss), on a tiny token batch, in eval mode, on a twin (hooks, instance forwards and the real modules'
-    state untouched; meta or sharded weights simulated as for every probe).
+    loss), on a tiny token batch, in eval mode, without the MoE router loss, on a twin (hooks, instance forwards
+    and the real modules' state untouched; meta or sharded weights simulated as for every probe).
     """
     twin = probe_twin(model)
     if twin is None:
@@ -270,9 +270,13 @@ def probe(model: Any, options: LinearCrossEntropyOptions) -> str | None:
     ids = torch.randint(0, min(int(weight.shape[0]), 64), (2, 6), generator=gen).to(weight.device)
     labels = ids.clone()
     labels[0, 2] = IGNORE_INDEX
+    call = {"input_ids": ids, "labels": labels}
+    if "output_router_logits" in inspect.signature(type(model).forward).parameters:
+        # router logits are recorded by transformers' output hooks, which a twin does not carry
+        call["output_router_logits"] = False
     with torch.no_grad():
-        want = type(twin).forward(twin, input_ids=ids, labels=labels).loss
-        got = fused_forward(twin, options, (), {"input_ids": ids, "labels": labels}, reference).loss
+        want = type(twin).forward(twin, **call).loss
+        got = fused_forward(twin, options, (), call, reference).loss
     return mismatch(got, want)
 
 
