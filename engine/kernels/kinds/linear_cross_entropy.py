@@ -33,6 +33,7 @@ from torch import nn
 from engine.kernels.kinds.base import KernelKind, KernelType, mismatch, probe_twin
 
 IGNORE_INDEX = -100
+DEFAULT_CHUNK_MIB = 256
 # (hidden [N, H], weight [V, H], targets [N], denominator (0-d fp32), ignore_index, softcap) -> loss (0-d fp32)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, "float | None"], torch.Tensor]
 
@@ -53,7 +54,7 @@ class LinearCrossEntropyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     fuse: Literal["training", "always"] = "training"
     logits: Literal["none", "empty"] = "none"
-    chunk_mib: int = Field(256, ge=1, le=1 << 20)
+    chunk_mib: int = Field(DEFAULT_CHUNK_MIB, ge=1, le=1 << 20)
     grad_accumulation: Literal["fp32", "param"] = "fp32"
 
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kernels.kinds.linear_cross_entropy import DEFAULT_CHUNK_MIB
+
 ROW_ALIGN = 64
 
 # (logits [R, V] in/out, targets [R], denominator (0-d fp32), row_loss [R] fp32 out, ignore_index, softcap,
@@ -260,7 +262,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     *,
     impl: str = "torch",
-    chunk_bytes: int = 256 << 20,
+    chunk_bytes: int = DEFAULT_CHUNK_MIB << 20,
     fp32_accumulate: bool = True,
 ) -> torch.Tensor:
     """``sum(cross_entropy(hidden @ weight.T, targets)) / denom`` (fp32), with autograd, never holding the full logits.
