@@ -15,7 +15,8 @@ op     the head and loss alone, fwd+bwd, N=8192 rows (and N=32768 at H=1024), V=
        memory, loss and gradient error against transformers' math.
 
 Every training run is a subprocess of its own: Liger patches transformers classes process-wide, and the peak
-memory of each run starts from an empty allocator. Writes lce_<gpu>.json and lce_<gpu>.png into --out.
+memory of each run starts from an empty allocator. Writes lce_<gpu>.json and lce_<gpu>.png into --out; parts
+not rerun are kept from an earlier lce_<gpu>.json there, so the parts can run as separate invocations.
 """
 
 from __future__ import annotations
@@ -257,6 +258,15 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
+def merge_previous(path: Path, parts: list[str], runs: list[dict], records: list[dict]) -> tuple[list, list]:
+    """Keep the parts of an earlier result file on this GPU that this invocation did not rerun."""
+    if not path.exists():
+        return runs, records
+    old = json.loads(path.read_text())
+    kept = [r for r in old.get("runs", []) if ("sweep" if r.get("sweep") else "train") not in parts]
+    return kept + runs, records if "op" in parts else old.get("op", [])
+
+
 def plot_lce(payload: dict, path: Path) -> None:
     import matplotlib
 
@@ -355,6 +365,8 @@ def main() -> None:
         tqdm.write(f"{job['name']} B{job['batch']}xT{job['seq']} {job['variant']}: {status}")
     records = op_records(args.chunk_mib) if "op" in args.parts else []
     gpu = torch.cuda.get_device_name().replace(" ", "_")
+    path = args.out / f"lce_{gpu}.json"
+    runs, records = merge_previous(path, args.parts, runs, records)
     payload = {
         "environment": environment(),
         "batch": args.batch,
@@ -366,8 +378,8 @@ def main() -> None:
     print(json.dumps(payload["summary"], indent=1))
     for record in records:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()})
-    write_json(args.out / f"lce_{gpu}.json", payload)
-    plot_lce(payload, args.out / f"lce_{gpu}.png")
+    write_json(path, payload)
+    plot_lce(payload, path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
