@@ -8,9 +8,8 @@ from torch import nn
 
 def loss_and_grads(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    out = model(**batch)
-    # a loss that also weighs hidden logits so every path gets a non-trivial gradient
-    loss = out.loss + out.logits.float().pow(2).mean() * 1e-2
+    # the loss alone: with linear_cross_entropy patched, a training call with labels returns no logits
+    loss = model(**batch).loss
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads

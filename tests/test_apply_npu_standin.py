@@ -65,7 +65,7 @@ def test_apply_available_kernels_skips_manual_entries_and_reports_why(npu_standi
     assert engine.apply_available_kernels(model, device="npu", verbose=False) is model
     report = engine.kernel_report(model)
     patched = {p.entry for p in report.patched}
-    assert patched == {"rms_norm", "swiglu", "rope"}
+    assert patched == {"rms_norm", "swiglu", "rope", "linear_cross_entropy"}
     reasons = {s.entry: s.reason for s in report.skipped}
     assert "manual" in reasons["fused_moe"] and "spec='qwen3_moe'" in reasons["fused_moe"]
     assert type(model.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
@@ -77,7 +77,13 @@ def test_apply_available_kernels_skips_manual_entries_and_reports_why(npu_standi
 def test_explicit_spec_applies_manual_moe_entry(npu_standin):
     model = tiny_models.build("qwen3_moe")
     handle = engine.apply(model, spec="qwen3_moe", device="npu", verbose=False)
-    assert {p.entry for p in handle.report.patched} == {"rms_norm", "swiglu", "rope", "fused_moe"}
+    assert {p.entry for p in handle.report.patched} == {
+        "rms_norm",
+        "swiglu",
+        "rope",
+        "fused_moe",
+        "linear_cross_entropy",
+    }
     moe = next(p for p in handle.report.patched if p.entry == "fused_moe")
     assert moe.kernel == "NpuFusedMoEKernel" and moe.count == 1  # layer 1 is a dense mlp_only layer
     handle.revert()
@@ -114,7 +120,14 @@ def test_apply_kernel_patches_one_kernel_type(npu_standin):
 def test_discover_kernels_lists_available_kernel_classes(npu_standin):
     model = tiny_models.build("qwen3_moe")
     found = engine.discover_kernels(model, device="npu")
-    assert set(found) == {engine.NpuRMSNormKernel, engine.NpuSwiGluKernel, engine.NpuRoPEKernel}
+    from engine.kernels.npu.linear_cross_entropy import NpuLinearCrossEntropyKernel
+
+    assert set(found) == {
+        engine.NpuRMSNormKernel,
+        engine.NpuSwiGluKernel,
+        engine.NpuRoPEKernel,
+        NpuLinearCrossEntropyKernel,
+    }
     assert all(hasattr(k, "type") and hasattr(k, "device") for k in found)
 
 

@@ -1,0 +1,1 @@
+"""Device-agnostic kernel implementations in plain PyTorch (registered as ``torch.library`` operators)."""
