@@ -16,6 +16,7 @@ import torch
 
 from engine.kernels.kinds import KernelType
 from engine.kernels.npu.base import NpuKernel, torch_npu
+from engine.kernels.npu.versions import Requirement
 from engine.kernels.portable.linear_cross_entropy import LinearCrossEntropyKernel
 from engine.kernels.portable.ops.linear_cross_entropy import register_chunk_loss, torch_chunk_loss
 
@@ -62,3 +63,5 @@ class NpuLinearCrossEntropyKernel(LinearCrossEntropyKernel, NpuKernel):
     type = KernelType.LINEAR_CROSS_ENTROPY
     device = "npu"
     chunk_loss = "npu"
+    # Any build: without npu_cross_entropy_loss each chunk's loss falls back to plain torch ops.
+    min_torch_npu = Requirement("5.0.0")
