@@ -11,13 +11,13 @@ from pydantic import BaseModel
 from torch import nn
 
 from engine.kernels.kinds import KernelType
-from engine.kernels.triton import moe_tiles
+from engine.kernels.triton import moe_tiles, runtime
 from engine.kernels.triton.base import TritonKernel
 
 
 def _plan_device(weight: torch.Tensor) -> torch.device | None:
-    """Where the experts will run: their own GPU, else the current one if any (weights not moved yet)."""
-    if weight.is_cuda:
+    """Where the experts will run: their own GPU (or CPU under the interpreter), else the current GPU if any."""
+    if weight.is_cuda or (weight.device.type == "cpu" and runtime.interpreting()):
         return weight.device
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
