@@ -51,6 +51,25 @@ def run_kernel(kernel: Any, grid: tuple[Any, ...], *args: Any, **meta: Any) -> N
         torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
+_unused: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def unused_pointer(like: torch.Tensor) -> torch.Tensor:
+    """A stand-in for a pointer argument that this launch's constexpr branches never touch.
+
+    Never pass another argument of the same launch instead: a traced launch (``wrap_triton``) treats every
+    pointer argument as a tensor of its own, and two arguments naming one tensor could write back over each
+    other. Eager calls share one cached element per device and dtype (nothing writes it).
+    """
+    if not is_real(like):
+        return torch.empty(1, dtype=like.dtype, device=like.device)
+    key = (like.device, like.dtype)
+    dummy = _unused.get(key)
+    if dummy is None:
+        dummy = _unused[key] = torch.empty(1, dtype=like.dtype, device=like.device)
+    return dummy
+
+
 def _plain_call(args: tuple[Any, ...]) -> bool:
     return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
 

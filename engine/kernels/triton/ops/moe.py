@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.triton.moe_tiles import MoETiles, choose_tiles, preferred_block_m
-from engine.kernels.triton.ops.library import KernelOp, run_kernel
+from engine.kernels.triton.ops.library import KernelOp, run_kernel, unused_pointer
 from engine.kernels.triton.ops.moe_routing import Routing, route
 from engine.kernels.triton.ops.swiglu import silu_mul, silu_mul_backward
 from engine.kernels.triton.runtime import interpreting, next_power_of_2, shared_memory_limit
@@ -245,10 +245,10 @@ def _row_gemm_launch(
         a,
         b_view,
         c,
-        gate_up if gate_up is not None else c,
+        gate_up if gate_up is not None else unused_pointer(c),
         routing.token_of_row,
-        row_scale if row_scale is not None else c,
-        dw if dw is not None else c,
+        row_scale if row_scale is not None else unused_pointer(c),
+        dw if dw is not None else unused_pointer(c),
         routing.tile_expert,
         routing.tile_row_start,
         routing.expert_end,
@@ -296,7 +296,7 @@ def _wgrad_launch(
         y,
         dw,
         routing.token_of_row,
-        scale_x if scale_x is not None else dw,
+        scale_x if scale_x is not None else unused_pointer(dw),
         routing.expert_start,
         routing.expert_end,
         m_dim,

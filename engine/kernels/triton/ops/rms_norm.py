@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton.ops.library import KernelOp, is_real, run_kernel
+from engine.kernels.triton.ops.library import KernelOp, is_real, run_kernel, unused_pointer
 from engine.kernels.triton.rms_norm import MAX_COLUMNS
 from engine.kernels.triton.runtime import next_power_of_2, program_count
 
@@ -307,9 +307,10 @@ def _backward(
     tail = fused_dw and block_n <= TAIL_REDUCE_MAX_COLUMNS
     if tail:
         counter, partial = _tail_workspace(x_rows, programs * n_cols)
+    elif fused_dw:
+        partial, counter = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device), unused_pointer(rstd)
     else:
-        partial = torch.empty((programs if fused_dw else 1, n_cols), dtype=torch.float32, device=x.device)
-        counter = partial
+        partial, counter = unused_pointer(rstd), unused_pointer(rstd)
     run_kernel(
         _rms_norm_bwd,
         (programs,),
@@ -319,7 +320,7 @@ def _backward(
         rstd,
         dx,
         partial,
-        dw if tail else dx,
+        dw if tail else unused_pointer(dx),
         counter,
         x_rows.stride(0),
         dy_rows.stride(0),
