@@ -325,21 +325,23 @@ def test_triton_op_bodies_trace_into_kernel_launches():
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("case", CASES)
 def test_reduce_overhead_training_steps_replay_correctly(case):
-    """mode="reduce-overhead" (CUDA graphs): every replay with new inputs gives eager's outputs and gradients."""
+    """mode="reduce-overhead" (CUDA graphs): nothing makes Inductor skip the graphs (no host sync, no CPU
+    tensor), and every replay with new inputs gives eager's outputs and gradients."""
+    from torch._dynamo.utils import counters
+
     fn, inputs, grad_of = op_cases()[case]
-
-    def step(*values):
-        return tuple(outputs_and_grads(fn, values, grad_of))
-
     torch._dynamo.reset()
-    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False)
+    counters.clear()
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
     for seed in range(4):
+        torch.compiler.cudagraph_mark_step_begin()
         fresh = [
             t + 0.01 * seed * torch.randn_like(t) if t.is_floating_point() and i in grad_of else t
             for i, t in enumerate(inputs)
         ]
-        got = [t.clone() for t in compiled(*fresh)]
-        assert_same(got, step(*fresh))
+        got = [t.clone() for t in outputs_and_grads(compiled, fresh, grad_of)]
+        assert_same(got, outputs_and_grads(fn, fresh, grad_of))
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
 @pytest.mark.gpu

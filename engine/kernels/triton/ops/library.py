@@ -10,7 +10,8 @@ computes the result and one pair of ``setup_context``/``backward`` functions is 
 Eager calls can skip the dispatcher: ``EAGER_PATH = "function"`` (or ``ENGINE_TRITON_EAGER=function``) runs
 the body through a plain ``torch.autograd.Function`` built from the same functions; the default ``"op"``
 calls the operator. Traced calls always take the operator, and launches on fake or functional tensors never
-reach the cached fast launch path (``launch.py``).
+reach the cached fast launch path (``launch.py``). Before torch 2.6 (no ``triton_op``) the GPU operators are
+``custom_op``s too: still traced without graph breaks, but opaque to Inductor.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from engine.kernels.triton.launch import launch
 from engine.kernels.triton.runtime import interpreting
 
 NAMESPACE = "engine"
-USE_TRITON_OP = not interpreting()  # decided once, before any operator is defined
+# Decided once, before any operator is defined (torch < 2.6 has no triton_op: opaque custom ops there).
+USE_TRITON_OP = not interpreting() and hasattr(torch.library, "triton_op")
 EagerPath = Literal["op", "function"]
 EAGER_PATH: EagerPath = "function" if os.environ.get("ENGINE_TRITON_EAGER") == "function" else "op"
 
