@@ -176,7 +176,7 @@ def main() -> None:
         }
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     tiles = moe_tiles.plan_tiles(args.tokens[0] * TOP_K, EXPERTS, dtype, torch.device("cuda"))
-    configs = {k: vars(v) for k, v in tiles.configs} if tiles is not None else None
+    configs = {k: vars(v) for k, v in tiles.configs.items()} if tiles is not None else None
     payload = {
         "environment": environment(),
         "shape": {

@@ -126,7 +126,7 @@ def test_shared_memory_estimate_reproduces_what_triton_reported_for_fp32():
 def test_chosen_tiles_fit_the_limit_and_keep_the_tuned_ones_where_they_fit(itemsize, limit, block_m):
     tiles = moe_tiles.choose_tiles(block_m, itemsize, limit)
     assert tiles is not None and tiles.block_m == block_m
-    for name, config in tiles.configs:
+    for name, config in tiles.configs.items():
         b_tiles = moe_tiles.B_TILES.get(name, 1)
         assert moe_tiles.shared_memory_bytes(config, itemsize, b_tiles) <= limit, (name, config)
         candidates = moe_tiles.ROW_GEMM_CANDIDATES.get(name)

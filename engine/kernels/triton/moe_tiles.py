@@ -64,13 +64,13 @@ def shared_memory_bytes(config: TileConfig, itemsize: int, b_tiles: int = 1) -> 
     return max(pipeline, config.block_m * config.block_n * 4) + MARGIN
 
 
-@dataclass(frozen=True)
+@dataclass
 class MoETiles:
     block_m: int  # routing tile height, shared by the four row GEMMs
-    configs: tuple[tuple[str, TileConfig], ...]
+    configs: dict[str, TileConfig]  # by kernel: up_swiglu, down_scale, down_dgrad_swiglu, up_dgrad, wgrad
 
     def __getitem__(self, name: str) -> TileConfig:
-        return dict(self.configs)[name]
+        return self.configs[name]
 
 
 def preferred_block_m(rows: int, num_experts: int) -> int:
@@ -98,7 +98,7 @@ def choose_tiles(block_m: int, itemsize: int, limit: int | None) -> MoETiles | N
     wgrad = _first_fit(WGRAD_CANDIDATES, itemsize, limit)
     if wgrad is None:
         return None
-    return MoETiles(block_m, (*configs.items(), ("wgrad", wgrad)))
+    return MoETiles(block_m, {**configs, "wgrad": wgrad})
 
 
 def plan_tiles(rows: int, num_experts: int, dtype: torch.dtype, device: torch.device) -> MoETiles | None:
