@@ -63,12 +63,11 @@ def unused_pointer(like: torch.Tensor) -> torch.Tensor:
     pointer argument as a tensor of its own, and two arguments naming one tensor could write back over each
     other. Eager calls share one cached element per device and dtype (nothing writes it).
     """
-    key = (like.device, like.dtype)
-    dummy = _unused.get(key) if is_real(like) else None
+    real, key = is_real(like), (like.device, like.dtype)
+    dummy = _unused.get(key) if real else None
     if dummy is None:
         dummy = torch.empty(1, dtype=like.dtype, device=like.device)
-        capturing = like.is_cuda and torch.cuda.is_current_stream_capturing()  # graph-pool memory: don't keep
-        if is_real(like) and not capturing:
+        if real and not (like.is_cuda and torch.cuda.is_current_stream_capturing()):  # keep no graph-pool memory
             _unused[key] = dummy
     return dummy
 
