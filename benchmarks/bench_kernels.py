@@ -6,6 +6,8 @@ Times forward and forward+backward (median of CUDA events, L2 flushed), the host
 takes to enqueue, and the same work replayed from a CUDA graph (launch overhead removed); checks each
 provider's output against HF eager first. Eager timings run in interleaved rounds (--rounds, all providers
 in each) and the best round is reported; every round is kept in the JSON.
+Provider ``engine`` calls the ``engine::`` operators; ``engine_fn`` calls the same kernels through a plain
+autograd.Function (``library.eager_path("function")``), which skips the dispatcher (``--eager-paths``).
 Writes kernels_<gpu>.json and kernels_<gpu>.png.
 """
 
@@ -20,14 +22,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.kernels.reference import mrope_axis_table  # noqa: E402
-
 from benchmarks.common import RESULTS_DIR, environment, fwd_bwd, median_ms, write_json  # noqa: E402
 from benchmarks.plots import plot_kernels  # noqa: E402
-from engine.kernels.triton.mrope import mrope_cos_sin  # noqa: E402
-from engine.kernels.triton.rms_norm import rms_norm  # noqa: E402
-from engine.kernels.triton.rope import rope  # noqa: E402
-from engine.kernels.triton.swiglu import swiglu  # noqa: E402
+from engine.kernels.kinds.mrope import axis_table as mrope_axis_table  # noqa: E402
+from engine.kernels.triton.ops import library  # noqa: E402
+from engine.kernels.triton.ops.mrope import mrope_cos_sin  # noqa: E402
+from engine.kernels.triton.ops.rms_norm import rms_norm  # noqa: E402
+from engine.kernels.triton.ops.rope import rope  # noqa: E402
+from engine.kernels.triton.ops.swiglu import swiglu  # noqa: E402
 
 TARGETS_MS = {  # issue #3, H100, bf16, forward+backward
     "rms_norm 16384x4096": 0.35,
@@ -142,7 +144,7 @@ def sweep_rms_norm(dtype) -> dict[str, dict[str, int]]:
     """
     import itertools
 
-    from engine.kernels.triton import rms_norm as module
+    from engine.kernels.triton.ops import rms_norm as module
 
     shapes = ((16384, 4096, "wide", (1, 2, 4), (8, 16)), (65536, 128, "narrow", (8, 16, 32, 64), (4, 8)))
     for rows, cols, key, block_ms, warp_choices in shapes:
@@ -219,6 +221,11 @@ def host_ms(fn, calls: int = 200) -> float:
     return elapsed / calls * 1e3
 
 
+def path_of(provider: str):
+    """The eager path a provider's whole measurement (forward and backward) runs under."""
+    return library.eager_path("function" if provider == "engine_fn" else "op")
+
+
 def check_close(name: str, outs: dict[str, object]) -> dict[str, float]:
     ref = outs["hf_eager"]
     ref = ref if isinstance(ref, tuple) else (ref,)
@@ -239,11 +246,14 @@ def main() -> None:
     parser.add_argument("--profile-rms-norm", action="store_true", help="print per-kernel times of engine RMSNorm")
     parser.add_argument("--only-profile", action="store_true", help="stop after the sweep/profile")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best is reported")
+    parser.add_argument(
+        "--eager-paths", nargs="+", default=["op", "function"], choices=["op", "function"], help="engine eager calls"
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     global LIGER
     LIGER = liger_ops()
-    from engine.kernels.triton import rms_norm as rms_norm_module
+    from engine.kernels.triton.ops import rms_norm as rms_norm_module
 
     if args.sweep_rms_norm:
         sweep_rms_norm(dtype)
@@ -260,23 +270,32 @@ def main() -> None:
     ]
     records = []
     for name, providers, leaves, grads in cases:
-        with torch.no_grad():
-            errors = check_close(name, {p: fn() for p, fn in providers.items()})
+        if "function" in args.eager_paths:
+            providers["engine_fn"] = providers["engine"]  # same call, timed under eager_path("function")
+        if "op" not in args.eager_paths:
+            del providers["engine"]
+        outs = {}
+        for provider, fn in providers.items():
+            with torch.no_grad(), path_of(provider):
+                outs[provider] = fn()
+        errors = check_close(name, outs)
         case_rows = {}
         for provider, fn in providers.items():
             row = {"case": name, "provider": provider, "dtype": args.dtype, "max_rel_error_vs_hf": errors[provider]}
-            row["graph_ms"] = graph_ms(fn, leaves, grads)  # same work (fwd or fwd+bwd), launch overhead removed
+            with path_of(provider):  # same work (fwd or fwd+bwd), launch overhead removed
+                row["graph_ms"] = graph_ms(fn, leaves, grads)
             case_rows[provider] = row
         # Eager timings are host-bound for the small ops, and the host's speed drifts; rounds interleave the
         # providers so each gets the same conditions, and the best round (each a median) is reported.
         for _ in range(args.rounds):
             for provider, fn in providers.items():
                 row = case_rows[provider]
-                row.setdefault("fwd_ms_rounds", []).append(median_ms(fn, warmup_ms=50, rep_ms=200))
-                if leaves:
-                    run = fwd_bwd(fn, leaves, grads)
-                    row.setdefault("fwd_bwd_ms_rounds", []).append(median_ms(run, warmup_ms=50, rep_ms=200))
-                    row.setdefault("fwd_bwd_host_ms_rounds", []).append(host_ms(run))
+                with path_of(provider):
+                    row.setdefault("fwd_ms_rounds", []).append(median_ms(fn, warmup_ms=50, rep_ms=200))
+                    if leaves:
+                        run = fwd_bwd(fn, leaves, grads)
+                        row.setdefault("fwd_bwd_ms_rounds", []).append(median_ms(run, warmup_ms=50, rep_ms=200))
+                        row.setdefault("fwd_bwd_host_ms_rounds", []).append(host_ms(run))
         for provider, row in case_rows.items():
             for key in ("fwd_ms", "fwd_bwd_ms", "fwd_bwd_host_ms"):
                 if f"{key}_rounds" in row:
@@ -291,17 +310,18 @@ def main() -> None:
     summary = {}
     for name in {r["case"] for r in records}:
         rows = {r["provider"]: r for r in records if r["case"] == name}
-        metric = "fwd_bwd_ms" if "fwd_bwd_ms" in rows["engine"] else "fwd_ms"
+        base = rows["engine"] if "engine" in rows else rows["engine_fn"]
+        metric = "fwd_bwd_ms" if "fwd_bwd_ms" in base else "fwd_ms"
         summary[name] = {
             "metric": metric,
-            "engine_ms": rows["engine"][metric],
+            "engine_ms": base[metric],
             "target_ms": TARGETS_MS.get(name),
-            **{f"speedup_vs_{p}": rows[p][metric] / rows["engine"][metric] for p in rows if p != "engine"},
-            "engine_graph_ms": rows["engine"]["graph_ms"],
+            **{f"speedup_vs_{p}": r[metric] / base[metric] for p, r in rows.items() if r is not base},
+            "engine_graph_ms": base["graph_ms"],
             **{
-                f"graph_speedup_vs_{p}": r["graph_ms"] / rows["engine"]["graph_ms"]
+                f"graph_speedup_vs_{p}": r["graph_ms"] / base["graph_ms"]
                 for p, r in rows.items()
-                if p != "engine" and r["graph_ms"] and rows["engine"]["graph_ms"]
+                if r is not base and r["graph_ms"] and base["graph_ms"]
             },
         }
     gpu = torch.cuda.get_device_name().replace(" ", "_")

@@ -19,7 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS_DIR, environment, fwd_bwd, median_ms, write_json  # noqa: E402
 from benchmarks.plots import plot_moe  # noqa: E402
-from engine.kernels.triton import moe as engine_moe  # noqa: E402
+from engine.kernels.triton import moe_tiles  # noqa: E402
+from engine.kernels.triton.ops import library  # noqa: E402
+from engine.kernels.triton.ops import moe as engine_moe  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 768, 128, 8
 TARGETS_MS = {4096: 4.0, 16384: 11.0}  # issue #4, H100 bf16 fwd+bwd
@@ -60,9 +62,14 @@ def providers(module, tokens: int, dtype):
     grouped = experts_module("grouped_mm", dtype)
     for other in (eager, grouped):
         other.gate_up_proj, other.down_proj = module.gate_up_proj, module.down_proj
+
+    def engine():
+        return engine_moe.fused_moe(x, module.gate_up_proj, module.down_proj, index, weights)
+
     fns = {
         "transformers_grouped_mm": lambda: grouped(x, index, weights),
-        "engine": lambda: engine_moe.fused_moe(x, module.gate_up_proj, module.down_proj, index, weights),
+        "engine": engine,
+        "engine_fn": engine,  # timed under eager_path("function"): a plain autograd.Function, no dispatcher
     }
     if tokens <= 4096:
         fns["transformers_eager"] = lambda: eager(x, index, weights)
@@ -78,11 +85,11 @@ def providers(module, tokens: int, dtype):
 
 def reference_grads(leaves, grad, index) -> list[torch.Tensor]:
     """Output and gradients of an fp32 run with transformers' semantics."""
-    from engine.kernels.reference import moe_experts_reference
+    from engine.kernels.kinds.fused_moe import reference
 
     ref_leaves = [t.detach().float().requires_grad_(True) for t in leaves]
     x, w, gate_up, down = ref_leaves
-    out = moe_experts_reference(x, index, w, gate_up, down)
+    out = reference(x, index, w, gate_up, down)
     out.backward(grad.float())
     return [out.detach()] + [t.grad for t in ref_leaves]
 
@@ -99,22 +106,30 @@ def errors_of(fn, leaves, grad, ref) -> dict[str, float]:
     return {k: float((g.float() - r).norm() / r.norm()) for k, g, r in zip(names, got, ref, strict=True)}
 
 
+def _prefer(name: str, candidate: tuple[int, ...]) -> None:
+    """Put ``candidate`` first in a kernel's tile candidates (the chooser takes the first that fits)."""
+    table = moe_tiles.ROW_GEMM_CANDIDATES if name in moe_tiles.ROW_GEMM_CANDIDATES else None
+    if table is not None:
+        table[name] = (candidate, *(c for c in table[name] if c != candidate))
+    else:
+        moe_tiles.WGRAD_CANDIDATES = (candidate, *(c for c in moe_tiles.WGRAD_CANDIDATES if c != candidate))
+    moe_tiles.choose_tiles.cache_clear()
+
+
 def sweep(module, tokens: int, dtype) -> None:
-    """Try tile configurations for each engine GEMM and keep the fastest (prints the table)."""
+    """Try tile configurations for each engine GEMM and keep the fastest (prints the table); a tile that
+    does not fit the device's shared memory is skipped by the chooser, so the fastest fitting one wins."""
     fns, leaves, grad = providers(module, tokens, dtype)
     run = fwd_bwd(fns["engine"], leaves, [grad])
-    for name in engine_moe.CONFIGS:
+    for name in [*moe_tiles.ROW_GEMM_CANDIDATES, "wgrad"]:
         best = None
         for bn, bk, warps, stages in itertools.product((64, 128), (64,), (4, 8), (3, 4)):
-            engine_moe.CONFIGS[name] = engine_moe.TileConfig(bn, bk, warps, stages)
-            try:
-                ms = median_ms(run, warmup_ms=25, rep_ms=100)
-            except Exception as exc:  # out of resources for this tile
-                print(f"  {name} {bn}/{bk}/{warps}/{stages}: {type(exc).__name__}")
-                continue
+            candidate = (bn, bk, warps, stages) if name != "wgrad" else (128, bn, bk, warps, stages)
+            _prefer(name, candidate)
+            ms = median_ms(run, warmup_ms=25, rep_ms=100)
             if best is None or ms < best[0]:
-                best = (ms, engine_moe.TileConfig(bn, bk, warps, stages))
-        engine_moe.CONFIGS[name] = best[1]
+                best = (ms, candidate)
+        _prefer(name, best[1])
         print(f"  sweep {name}: best {best[1]} -> fwd+bwd {best[0]:.3f} ms")
 
 
@@ -135,13 +150,14 @@ def main() -> None:
         ref = reference_grads(leaves, grad, routing(tokens, dtype)[0])
         errors[tokens] = {}
         for name, fn in fns.items():
-            errors[tokens][name] = errors_of(fn, leaves, grad, ref)
-            row = {
-                "tokens": tokens,
-                "provider": name,
-                "fwd_ms": median_ms(fn),
-                "fwd_bwd_ms": median_ms(fwd_bwd(fn, leaves, [grad])),
-            }
+            with library.eager_path("function" if name == "engine_fn" else "op"):
+                errors[tokens][name] = errors_of(fn, leaves, grad, ref)
+                row = {
+                    "tokens": tokens,
+                    "provider": name,
+                    "fwd_ms": median_ms(fn),
+                    "fwd_bwd_ms": median_ms(fwd_bwd(fn, leaves, [grad])),
+                }
             records.append(row)
             errs = ", ".join(f"{k} {v:.1e}" for k, v in errors[tokens][name].items())
             print(
@@ -159,7 +175,8 @@ def main() -> None:
             **{f"speedup_vs_{p}": r["fwd_bwd_ms"] / engine_ms for p, r in rows.items() if p != "engine"},
         }
     gpu = torch.cuda.get_device_name().replace(" ", "_")
-    configs = {k: vars(v) for k, v in engine_moe.CONFIGS.items()}
+    tiles = moe_tiles.plan_tiles(args.tokens[0] * TOP_K, EXPERTS, dtype, torch.device("cuda"))
+    configs = {k: vars(v) for k, v in tiles.configs.items()} if tiles is not None else None
     payload = {
         "environment": environment(),
         "shape": {

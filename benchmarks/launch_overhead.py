@@ -5,7 +5,8 @@
 Per call, medians over a few hundred calls with no synchronisation in the loop:
 ``fwd`` (the forward call), ``handoff`` (``backward()`` entered until the op's backward starts, on autograd's
 device thread), ``bwd`` (the op's backward body), ``return`` (until ``backward()`` returns), ``total``.
-The split needs a Python backward (engine, Liger); for F.rms_norm only fwd and total are known.
+The split needs a Python backward (Liger, and engine on the autograd.Function path ``engine (function)``); for
+the engine operator path (``engine``) and F.rms_norm only fwd and total are known.
 Also times one bare launch of the RMSNorm forward kernel through ``kernel[grid]`` and through engine's handle cache.
 """
 
@@ -23,10 +24,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS_DIR, environment, write_json  # noqa: E402
-from engine.kernels.triton import rms_norm as rn  # noqa: E402
 from engine.kernels.triton.launch import fast_launch, launch  # noqa: E402
-from engine.kernels.triton.rope import TritonRoPEFunction, rope  # noqa: E402
-from engine.kernels.triton.swiglu import TritonSwiGLUFunction, swiglu  # noqa: E402
+from engine.kernels.triton.ops import library  # noqa: E402
+from engine.kernels.triton.ops import rms_norm as rn  # noqa: E402
+from engine.kernels.triton.ops.rope import ROPE, rope  # noqa: E402
+from engine.kernels.triton.ops.swiglu import SWIGLU, swiglu  # noqa: E402
 
 _marks: dict[str, int] = {}
 
@@ -74,7 +76,7 @@ def bare_launch_us(calls: int = 500) -> dict[str, float]:
     x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
     w = torch.ones(cols, device="cuda", dtype=torch.bfloat16)
     y, rstd = torch.empty_like(x), torch.empty(rows, device="cuda")
-    args = (x, w, y, rstd, cols, cols, rows, cols, 1e-6, 0.0)
+    args = (x, w, y, rstd, cols, cols, 1, rows, cols, 1e-6, 0.0)
     meta = {"BLOCK_M": 32, "BLOCK_N": 128, "GEMMA": False, "num_warps": 4}
     grid = (rows // 32,)
     paths = {
@@ -110,7 +112,8 @@ def cases():
         x = torch.randn(rows, cols, device="cuda", dtype=dtype, requires_grad=True)
         w = torch.ones(cols, device="cuda", dtype=dtype, requires_grad=True)
         providers = {
-            "engine": (lambda x=x, w=w: rn.rms_norm(x, w, 1e-6), rn.TritonRMSNormFunction),
+            "engine": (lambda x=x, w=w: rn.rms_norm(x, w, 1e-6), None),
+            "engine (function)": (lambda x=x, w=w: rn.rms_norm(x, w, 1e-6), rn.RMS_NORM.function),
             "F.rms_norm": (lambda x=x, w=w, c=cols: F.rms_norm(x, (c,), w, 1e-6), None),
         }
         if liger:
@@ -118,7 +121,7 @@ def cases():
         yield f"rms_norm {rows}x{cols}", providers, [x, w], [torch.randn_like(x)]
     a = torch.randn(16384, 11008, device="cuda", dtype=dtype, requires_grad=True)
     b = torch.randn_like(a, requires_grad=True)
-    providers = {"engine": (lambda: swiglu(a, b), TritonSwiGLUFunction)}
+    providers = {"engine": (lambda: swiglu(a, b), None), "engine (function)": (lambda: swiglu(a, b), SWIGLU.function)}
     if liger:
         providers["liger"] = (lambda: liger["swiglu"].apply(a, b), liger["swiglu"])
     yield "swiglu 16384x11008", providers, [a, b], [torch.randn_like(a)]
@@ -126,7 +129,10 @@ def cases():
     k = torch.randn(4, 2048, 8, 128, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_(True)
     cos = torch.randn(1, 2048, 128, device="cuda", dtype=dtype)
     sin = torch.randn_like(cos)
-    providers = {"engine": (lambda: rope(q, k, cos, sin), TritonRoPEFunction)}
+    providers = {
+        "engine": (lambda: rope(q, k, cos, sin), None),
+        "engine (function)": (lambda: rope(q, k, cos, sin), ROPE.function),
+    }
     if liger:
         providers["liger"] = (lambda: liger["rope"].apply(q, k, cos, sin), liger["rope"])
     yield "rope B4 T2048 32/8 heads d128", providers, [q, k], [torch.randn_like(q), torch.randn_like(k)]
@@ -144,7 +150,8 @@ def main() -> None:
         runs = [(p, fn, cls, True) for p, (fn, cls) in providers.items()]
         runs.insert(1, ("engine, kernel[grid] launches", *providers["engine"], False))
         for provider, fn, cls, fast in runs:
-            with fast_launch(fast):
+            path = "function" if "function" in provider else "op"
+            with fast_launch(fast), library.eager_path(path):
                 split = split_host_us(fn, leaves, grads, cls)
             records.append({"case": case, "provider": provider, **split})
             parts = "  ".join(f"{k} {v:6.1f}" for k, v in split.items())

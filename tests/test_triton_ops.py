@@ -7,10 +7,12 @@ from engine.kernels.kinds import mrope
 from engine.kernels.kinds import rms_norm as rms_norm_kind
 from engine.kernels.kinds import rope as rope_kind
 from engine.kernels.kinds import swiglu as swiglu_kind
+from engine.kernels.kinds import vision_rope as vision_rope_kind
 from engine.kernels.triton.ops.mrope import mrope_cos_sin
 from engine.kernels.triton.ops.rms_norm import rms_norm
-from engine.kernels.triton.ops.rope import rope
+from engine.kernels.triton.ops.rope import rope, vision_rope
 from engine.kernels.triton.ops.swiglu import swiglu
+from tests.layouts import LAYOUTS, relayout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -22,8 +24,8 @@ def rel(a, b):
 
 
 def grads_of(fn, inputs, seed=0):
-    """Output and input gradients of fn under a random upstream gradient."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    """Output and input gradients of fn under a random upstream gradient (inputs keep their strides)."""
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
     out = fn(*leaves)
     outs = out if isinstance(out, tuple) else (out,)
     gen = torch.Generator().manual_seed(seed)
@@ -214,3 +216,109 @@ def test_rms_norm_backward_replays_correctly_from_a_cuda_graph():
         graph.replay()
         want = torch.autograd.grad(rms_norm_kind.reference(x, w, 1e-6), (x, w), dy)
         assert rel(dx, want[0]) < 1e-5 and rel(dw, want[1]) < 1e-5
+
+
+def _same_results(fn, inputs, layout):
+    """fn on ``inputs`` and on the same values in another memory layout: outputs and gradients must agree."""
+    outs, grads = grads_of(fn, inputs)
+    moved = [relayout(t, layout) for t in inputs]
+    assert not all(m.is_contiguous() for m in moved), layout
+    outs_m, grads_m = grads_of(fn, moved)
+    for a, b in zip(outs + grads, outs_m + grads_m, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rms_norm_takes_any_strides_of_x_and_weight(layout):
+    x = torch.randn(6, 5, 80, device=DEVICE)
+    w = torch.randn(80, device=DEVICE) * 0.2 + 1
+    _same_results(lambda a, b: rms_norm(a, b, 1e-6), [x, w], layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_swiglu_takes_any_strides(layout):
+    gate, up = torch.randn(7, 3, 40, device=DEVICE), torch.randn(7, 3, 40, device=DEVICE)
+    _same_results(swiglu, [gate, up], layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rope_takes_any_strides_of_q_k_cos_sin(layout):
+    q, k = torch.randn(2, 3, 5, 16, device=DEVICE), torch.randn(2, 1, 5, 16, device=DEVICE)
+    cos, sin = torch.randn(2, 5, 16, device=DEVICE), torch.randn(2, 5, 16, device=DEVICE)
+    _same_results(lambda a, b: rope(a, b, relayout(cos, layout), relayout(sin, layout)), [q, k], layout)
+    for got, want in zip(
+        rope(relayout(q, layout), relayout(k, layout), relayout(cos, layout), relayout(sin, layout)),
+        rope_kind.reference(q, k, cos, sin),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_vision_rope_takes_any_strides(layout):
+    q, k = torch.randn(9, 3, 16, device=DEVICE, dtype=torch.float16), torch.randn(9, 2, 16, device=DEVICE)
+    cos, sin = torch.randn(9, 16, device=DEVICE), torch.randn(9, 16, device=DEVICE)
+    got = vision_rope(*(relayout(t, layout) for t in (q, k, cos, sin)))
+    want = vision_rope_kind.reference(q, k, cos, sin)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mrope_cos_sin_takes_any_strides(layout):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32, device=DEVICE) / 16))
+    pos = torch.randint(0, 500, (3, 2, 9), device=DEVICE)
+    table = mrope.axis_table(8, [2, 3, 3]).to(DEVICE)
+    want = mrope.reference(pos, inv_freq, table, 1.0, torch.float32)
+    got = mrope_cos_sin(relayout(pos, layout), relayout(inv_freq, layout), relayout(table, layout), 1.0, torch.float32)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_promotes_outputs_like_transformers_and_vision_rope_keeps_input_dtypes():
+    q, k = torch.randn(1, 2, 3, 8, device=DEVICE, dtype=torch.bfloat16), torch.randn(1, 1, 3, 8, device=DEVICE)
+    cos, sin = torch.randn(1, 3, 8, device=DEVICE), torch.randn(1, 3, 8, device=DEVICE)
+    for got, want in zip(rope(q, k, cos, sin), rope_kind.reference(q, k, cos, sin), strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+    q_out, k_out = vision_rope(q[0].transpose(0, 1), k[0].transpose(0, 1), cos[0], sin[0])
+    assert (q_out.dtype, k_out.dtype) == (torch.bfloat16, torch.float32)
+
+
+def _entry_point_calls():
+    x, w = torch.randn(4, 8, device=DEVICE), torch.randn(8, device=DEVICE)
+    q, cos = torch.randn(1, 2, 3, 8, device=DEVICE), torch.randn(1, 3, 8, device=DEVICE)
+    odd_q, odd_cos = torch.randn(1, 2, 3, 7, device=DEVICE), torch.randn(1, 3, 7, device=DEVICE)
+    pos, inv = torch.zeros(3, 1, 4, dtype=torch.long, device=DEVICE), torch.ones(4, device=DEVICE)
+    table = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    grad_cos = cos.clone().requires_grad_(True)
+    return {
+        "rms_norm weight": (lambda: rms_norm(x, w[:7], 1e-6), "does not match the last dim"),
+        "rms_norm 2-D weight": (lambda: rms_norm(x, w[None], 1e-6), "does not match the last dim"),
+        "rms_norm int": (lambda: rms_norm(x.long(), w, 1e-6), "floating point"),
+        "swiglu shapes": (lambda: swiglu(x, x[:, :7]), "same shape"),
+        "swiglu dtypes": (lambda: swiglu(x, x.double()), "one floating dtype"),
+        "rope odd head_dim": (lambda: rope(odd_q, odd_q, odd_cos, odd_cos), "head_dim 7 is odd"),
+        "rope partial rotary": (lambda: rope(q, q, cos[..., :4], cos[..., :4]), "rotary dims differ"),
+        "rope k head_dim": (lambda: rope(q, q[..., :6], cos, cos), "rotary dims differ"),
+        "rope 3-D q": (lambda: rope(q[0], q[0], cos, cos), "must be 4-D"),
+        "rope seq": (lambda: rope(q, q, cos[:, :2], cos[:, :2]), "do not match"),
+        "rope cos batch": (lambda: rope(q, q, cos.expand(2, -1, -1), cos.expand(2, -1, -1)), "do not match"),
+        "rope cos/sin shapes": (lambda: rope(q, q, cos, cos[0]), "must both be"),
+        "rope cos grad": (lambda: rope(q, q, grad_cos, cos), "require grad"),
+        "vision_rope 4-D": (lambda: vision_rope(q, q, cos[0], cos[0]), r"\[seq, heads, dim\]"),
+        "vision_rope odd": (lambda: vision_rope(odd_q[0], odd_q[0], odd_cos[0], odd_cos[0]), "is odd"),
+        "mrope positions": (lambda: mrope_cos_sin(pos[0, 0], inv, table, 1.0, torch.float32), "must be"),
+        "mrope 2 axes": (lambda: mrope_cos_sin(pos[:2], inv, table, 1.0, torch.float32), "must be"),
+        "mrope float positions": (lambda: mrope_cos_sin(pos.float(), inv, table, 1.0, torch.float32), "integers"),
+        "mrope table": (lambda: mrope_cos_sin(pos, inv, table[:3], 1.0, torch.float32), "must both be"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_entry_point_calls()))
+def test_entry_points_reject_bad_shapes_with_one_line_value_error(case):
+    call, message = _entry_point_calls()[case]
+    with pytest.raises(ValueError, match=message) as info:
+        call()
+    assert "\n" not in str(info.value)

@@ -8,7 +8,7 @@ import importlib
 import pkgutil
 
 for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in ("base", "launch", "runtime", "ops"):
+    if _info.name not in ("base", "launch", "runtime", "moe_tiles", "ops"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 from engine.kernels.triton.fused_moe import TritonFusedMoEKernel  # noqa: E402

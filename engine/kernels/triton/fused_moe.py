@@ -1,4 +1,8 @@
-"""transformers>=5 experts (Qwen3-MoE, Qwen3-VL-MoE) on CUDA: grouped GEMMs with fused SwiGLU, no host sync."""
+"""transformers>=5 experts (Qwen3-MoE, Qwen3-VL-MoE) on CUDA: grouped GEMMs with fused SwiGLU, no host sync.
+
+Tiles are chosen per dtype within the device's shared memory (``moe_tiles.py``); where none fits, the plan
+skips the module with the reason, and a call that reaches the kernel anyway runs the original forward.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,17 @@ from pydantic import BaseModel
 from torch import nn
 
 from engine.kernels.kinds import KernelType
+from engine.kernels.triton import moe_tiles, runtime
 from engine.kernels.triton.base import TritonKernel
+
+
+def _plan_device(weight: torch.Tensor) -> torch.device | None:
+    """Where the experts will run: their own GPU (or CPU under the interpreter), else the current GPU if any."""
+    if weight.is_cuda or (weight.device.type == "cpu" and runtime.interpreting()):
+        return weight.device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
 
 
 class TritonFusedMoEKernel(TritonKernel):
@@ -15,8 +29,19 @@ class TritonFusedMoEKernel(TritonKernel):
     device = "cuda"
 
     @classmethod
+    def incompatibility(cls, module: nn.Module, options: BaseModel) -> str | None:
+        weight = module.gate_up_proj
+        device = _plan_device(weight)
+        return None if device is None else moe_tiles.unfit_reason(weight.dtype, device)
+
+    @classmethod
     def supports(cls, options: BaseModel, hidden_states, top_k_index, top_k_weights) -> bool:  # noqa: ANN001
-        return hidden_states.dim() == 2 and top_k_index.dim() == 2
+        return (
+            hidden_states.dim() == 2
+            and top_k_index.dim() == 2
+            and top_k_index.shape[0] == hidden_states.shape[0]
+            and top_k_weights.shape == top_k_index.shape
+        )
 
     @classmethod
     def run(
@@ -30,6 +55,15 @@ class TritonFusedMoEKernel(TritonKernel):
         from engine.kernels.triton.ops.moe import fused_moe
 
         gate_up, down = module.gate_up_proj, module.down_proj
-        if not hidden_states.dtype == gate_up.dtype == down.dtype:
+        rows, experts = top_k_index.numel(), gate_up.shape[0]
+        if not hidden_states.dtype == gate_up.dtype == down.dtype or not cls._tiles_fit(hidden_states, rows, experts):
             return type(module).forward(module, hidden_states, top_k_index, top_k_weights)
         return fused_moe(hidden_states, gate_up, down, top_k_index, top_k_weights)
+
+    @staticmethod
+    def _tiles_fit(hidden_states: torch.Tensor, rows: int, experts: int) -> bool:
+        """Eager calls re-check the tiling (weights may have changed dtype since the plan); traced calls
+        rely on the plan-time check, keeping device queries out of the graph."""
+        if torch.compiler.is_compiling():
+            return True
+        return moe_tiles.plan_tiles(rows, experts, hidden_states.dtype, hidden_states.device) is not None

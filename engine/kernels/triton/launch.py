@@ -7,7 +7,8 @@ the arguments (see ``specialization_key``), the constexprs and the launch option
 compiled handle exactly as ``JITFunction.run`` does (6-9 us there for the bare call). A miss, an argument
 of another type, a constexpr passed positionally, a kernel with pre-run hooks, the interpreter, or a triton
 whose launch call differs from the one checked here take the normal path. ``ENGINE_TRITON_FAST_LAUNCH=0``
-turns the fast path off.
+turns the fast path off. Only eager launches on real tensors come here (``ops/library.run_kernel``): traced
+launches (torch.compile, export) go through ``wrap_triton`` and Inductor's own launcher, never this cache.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ class TritonMRoPEKernel(TritonKernel):
 
     @classmethod
     def _axis_table(cls, module: nn.Module, options: MRopeOptions, device: torch.device) -> torch.Tensor:
+        """Which position axis drives each frequency; cached per module in eager, a graph constant when traced."""
+        if torch.compiler.is_compiling():
+            return axis_table(module.inv_freq.shape[0], list(module.mrope_section), options.layout).to(device)
         table = cls._tables.get(module)
         if table is None or table.device != device:
             table = axis_table(module.inv_freq.shape[0], list(module.mrope_section), options.layout).to(device)
@@ -38,7 +41,5 @@ class TritonMRoPEKernel(TritonKernel):
         from engine.kernels.triton.ops.mrope import mrope_cos_sin
 
         inv_freq = module.inv_freq.to(device=x.device, dtype=torch.float32)
-        if position_ids.dim() == 2:
-            position_ids = position_ids[None]
         table = cls._axis_table(module, options, x.device)
         return mrope_cos_sin(position_ids, inv_freq, table, module.attention_scaling, x.dtype)

@@ -18,7 +18,7 @@ class TritonRMSNormKernel(TritonKernel):
 
     @classmethod
     def supports(cls, options: RMSNormOptions, x: torch.Tensor) -> bool:
-        return 0 < x.shape[-1] <= MAX_COLUMNS
+        return 0 < x.shape[-1] <= MAX_COLUMNS and x.dtype.is_floating_point
 
     @classmethod
     def run(cls, module: nn.Module, options: RMSNormOptions, x: torch.Tensor) -> torch.Tensor:

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel
 
 from engine.kernels.kinds import KernelType
 from engine.kernels.triton.base import TritonKernel
 
 
-def rope_fits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """4-D q/k [B, H, S, D], 3-D cos/sin [B or 1, S, D] of the full head dim, one dtype, no grad on cos/sin."""
-    return (
-        q.dim() == 4
-        and k.dim() == 4
-        and cos.dim() == 3
-        and cos.shape == sin.shape
-        and q.shape[-1] % 2 == 0
-        and cos.shape[-1] == q.shape[-1] == k.shape[-1]
-        and q.dtype == k.dtype == cos.dtype == sin.dtype
-        and not (cos.requires_grad or sin.requires_grad)
-    )
+def _bshd_to_bhsd(q, k, unsqueeze_dim: int):  # noqa: ANN001, ANN202
+    """transformers' ``unsqueeze_dim=2`` layout [B, S, H, D] seen as the kernel's [B, H, S, D] (a view)."""
+    return (q.transpose(1, 2), k.transpose(1, 2)) if unsqueeze_dim == 2 else (q, k)
 
 
 class TritonRoPEKernel(TritonKernel):
@@ -29,15 +19,19 @@ class TritonRoPEKernel(TritonKernel):
 
     @classmethod
     def supports(cls, options: BaseModel, q, k, cos, sin, unsqueeze_dim: int = 1) -> bool:  # noqa: ANN001
-        if unsqueeze_dim == 2:  # q/k are [B, S, H, D]
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-        return unsqueeze_dim in (1, 2) and rope_fits(q, k, cos, sin)
+        from engine.kernels.triton.ops.rope import check_rope_args
+
+        if unsqueeze_dim not in (1, 2):
+            return False
+        try:
+            check_rope_args(*_bshd_to_bhsd(q, k, unsqueeze_dim), cos, sin)
+        except ValueError:
+            return False
+        return True
 
     @classmethod
     def run(cls, fn: object, options: BaseModel, q, k, cos, sin, unsqueeze_dim: int = 1):  # noqa: ANN001
         from engine.kernels.triton.ops.rope import rope
 
-        if unsqueeze_dim == 2:
-            q_out, k_out = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            return q_out.transpose(1, 2), k_out.transpose(1, 2)
-        return rope(q, k, cos, sin)
+        q_out, k_out = rope(*_bshd_to_bhsd(q, k, unsqueeze_dim), cos, sin)
+        return _bshd_to_bhsd(q_out, k_out, unsqueeze_dim)

@@ -42,5 +42,23 @@ def program_count(device: torch.device, per_sm: int = 4) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_memory_optin(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if limit is None:  # older torch: ask triton's driver
+        import triton
+
+        limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return int(limit)
+
+
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Bytes of shared memory one program may use on ``device`` (opt-in maximum); ``None``: no limit (CPU)."""
+    if device.type != "cuda":
+        return None
+    return _shared_memory_optin(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())

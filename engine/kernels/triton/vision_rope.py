@@ -7,11 +7,6 @@ from pydantic import BaseModel
 
 from engine.kernels.kinds import KernelType
 from engine.kernels.triton.base import TritonKernel
-from engine.kernels.triton.rope import rope_fits
-
-
-def _as_4d(q, k, cos, sin):  # noqa: ANN001, ANN202
-    return q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), cos.unsqueeze(0), sin.unsqueeze(0)
 
 
 class TritonVisionRoPEKernel(TritonKernel):
@@ -22,13 +17,18 @@ class TritonVisionRoPEKernel(TritonKernel):
 
     @classmethod
     def supports(cls, options: BaseModel, q, k, cos, sin) -> bool:  # noqa: ANN001
-        return q.dim() == 3 and k.dim() == 3 and cos.dim() == 2 and rope_fits(*_as_4d(q, k, cos, sin))
+        from engine.kernels.triton.ops.rope import check_vision_rope_args
+
+        try:
+            check_vision_rope_args(q, k, cos, sin)
+        except ValueError:
+            return False
+        return True
 
     @classmethod
     def run(
         cls, fn: object, options: BaseModel, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from engine.kernels.triton.ops.rope import rope
+        from engine.kernels.triton.ops.rope import vision_rope
 
-        q_out, k_out = rope(*_as_4d(q, k, cos, sin))
-        return q_out.transpose(1, 2).squeeze(0), k_out.transpose(1, 2).squeeze(0)
+        return vision_rope(q, k, cos, sin)

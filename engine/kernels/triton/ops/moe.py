@@ -6,46 +6,28 @@ Backward: grouped GEMM of the gathered output gradient with W_down whose epilogu
           gradient and, through fp32 atomics, the routing-weight gradient -> grouped dgrad with W_gate_up ->
           gather-sum; expert weight gradients by per-expert GEMMs over each expert's rows.
 No host sync (routing is device-side), no weight copies or transposes (weights are read through strides),
-int64 offsets everywhere.
+int64 offsets everywhere. Every tensor argument may have any strides. Tiles are chosen per element size within
+the device's shared memory (``moe_tiles.py``). The operators are ``engine::fused_moe`` and
+``engine::fused_moe_backward``; routing and the routing-weight gather are plain torch ops around them.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton.launch import launch
-from engine.kernels.triton.ops.moe_routing import Routing, choose_block_m, route
+from engine.kernels.triton.moe_tiles import MoETiles, choose_tiles, preferred_block_m
+from engine.kernels.triton.ops.library import KernelOp, run_kernel, unused_pointer
+from engine.kernels.triton.ops.moe_routing import Routing, route
 from engine.kernels.triton.ops.swiglu import silu_mul, silu_mul_backward
-from engine.kernels.triton.runtime import interpreting, next_power_of_2
+from engine.kernels.triton.runtime import interpreting, next_power_of_2, shared_memory_limit
 
 # Epilogue selectors: host-side ints, and the same values as constexpr globals for use inside kernels.
 PLAIN, SCALE_ROWS, SWIGLU_FWD, SWIGLU_BWD = 0, 1, 2, 3
 _SCALE_ROWS = tl.constexpr(SCALE_ROWS)
 _SWIGLU_FWD = tl.constexpr(SWIGLU_FWD)
 _SWIGLU_BWD = tl.constexpr(SWIGLU_BWD)
-
-
-@dataclass
-class TileConfig:
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-# Tuned on an H100 for the Qwen3-30B-A3B expert shape (see benchmarks/bench_moe.py); edit to retune.
-CONFIGS: dict[str, TileConfig] = {
-    "up_swiglu": TileConfig(128, 64, 8, 4),
-    "down_scale": TileConfig(128, 64, 4, 3),
-    "down_dgrad_swiglu": TileConfig(64, 64, 8, 4),
-    "up_dgrad": TileConfig(128, 64, 4, 4),
-    "wgrad": TileConfig(128, 64, 8, 4),
-}
-WGRAD_BLOCK_M = 128
 
 
 @triton.jit
@@ -215,7 +197,7 @@ def _expert_wgrad(
 
 
 @triton.jit
-def _gather_sum(SRC, DST, INVERSE, top_k, hidden, stride_s, stride_d, BLOCK_H: tl.constexpr):
+def _gather_sum_kernel(SRC, DST, INVERSE, top_k, hidden, stride_s, stride_d, BLOCK_H: tl.constexpr):
     """DST[t] = sum_k SRC[inverse[t * top_k + k]] in fp32."""
     token = tl.program_id(0).to(tl.int64)
     hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -239,35 +221,34 @@ def _fit(block: int, dim: int) -> int:
 
 def _row_gemm_launch(
     name: str,
+    tiles: MoETiles,
     routing: Routing,
-    a,
-    b_view,
-    c,
+    a: torch.Tensor,
+    b_view: torch.Tensor,
+    c: torch.Tensor,
     *,
     n_out: int,
     kd: int,
     epilogue: int,
     gather_a: bool = False,
-    gate_up=None,
-    row_scale=None,
-    dw=None,
+    gate_up: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    dw: torch.Tensor | None = None,
     half_n: int = 0,
 ) -> None:
     """b_view is a [E, kd, n] strided view of an expert weight (no copy)."""
-    cfg = CONFIGS[name]
+    cfg = tiles[name]
     block_n, block_k = _fit(cfg.block_n, n_out), _fit(cfg.block_k, kd)
-    grid = (routing.max_tiles * triton.cdiv(n_out, block_n),)
-    dummy = c
-    launch(
+    run_kernel(
         _row_gemm,
-        grid,
+        (routing.max_tiles * triton.cdiv(n_out, block_n),),
         a,
         b_view,
         c,
-        gate_up if gate_up is not None else dummy,
+        gate_up if gate_up is not None else unused_pointer(c),
         routing.token_of_row,
-        row_scale if row_scale is not None else dummy,
-        dw if dw is not None else dummy,
+        row_scale if row_scale is not None else unused_pointer(c),
+        dw if dw is not None else unused_pointer(c),
         routing.tile_expert,
         routing.tile_row_start,
         routing.expert_end,
@@ -293,20 +274,29 @@ def _row_gemm_launch(
     )
 
 
-def _wgrad_launch(routing: Routing, x, y, dw, *, gather_x=False, scale_x=None, gather_y=False) -> None:
+def _wgrad_launch(
+    tiles: MoETiles,
+    routing: Routing,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    dw: torch.Tensor,
+    *,
+    gather_x: bool = False,
+    scale_x: torch.Tensor | None = None,
+    gather_y: bool = False,
+) -> None:
     """dw[e] ([E, m, n], any strides) = x[rows_e]^T @ y[rows_e]."""
-    cfg = CONFIGS["wgrad"]
+    cfg = tiles["wgrad"]
     experts, m_dim, n_dim = dw.shape
-    block_m, block_n = _fit(WGRAD_BLOCK_M, m_dim), _fit(cfg.block_n, n_dim)
-    grid = (experts * triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n),)
-    launch(
+    block_m, block_n = _fit(cfg.block_m, m_dim), _fit(cfg.block_n, n_dim)
+    run_kernel(
         _expert_wgrad,
-        grid,
+        (experts * triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n),),
         x,
         y,
         dw,
         routing.token_of_row,
-        scale_x if scale_x is not None else dw,
+        scale_x if scale_x is not None else unused_pointer(dw),
         routing.expert_start,
         routing.expert_end,
         m_dim,
@@ -330,12 +320,13 @@ def _wgrad_launch(routing: Routing, x, y, dw, *, gather_x=False, scale_x=None, g
     )
 
 
-def _gather_sum_launch(src: torch.Tensor, inverse: torch.Tensor, tokens: int, top_k: int, dtype) -> torch.Tensor:
+def _gather_sum(src: torch.Tensor, inverse: torch.Tensor, tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = sum_k src[inverse[t * top_k + k]], accumulated in fp32."""
     hidden = src.shape[1]
     out = torch.empty(tokens, hidden, dtype=dtype, device=src.device)
     block_h = min(1024, next_power_of_2(hidden))
-    launch(
-        _gather_sum,
+    run_kernel(
+        _gather_sum_kernel,
         (tokens, triton.cdiv(hidden, block_h)),
         src,
         out,
@@ -350,125 +341,204 @@ def _gather_sum_launch(src: torch.Tensor, inverse: torch.Tensor, tokens: int, to
     return out
 
 
-class TritonMoEFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, gate_up_proj, down_proj, top_k_index, top_k_weights):
-        tokens, hidden = x.shape
-        experts, two_i, _ = gate_up_proj.shape
-        inter = two_i // 2
-        top_k = top_k_index.shape[1]
-        rows = tokens * top_k
-        routing = route(top_k_index, experts, choose_block_m(rows, experts))
-        row_weight = top_k_weights.reshape(-1)[routing.order].float()
-        x = x.contiguous()
+def _tiles(x: torch.Tensor, block_m: int) -> MoETiles:
+    """Tile configurations for routing tile height ``block_m`` within this device's shared memory."""
+    tiles = choose_tiles(block_m, x.dtype.itemsize, shared_memory_limit(x.device))
+    if tiles is None:
+        raise RuntimeError(f"fused_moe: no tile configuration fits this device's shared memory for {x.dtype}")
+    return tiles
 
-        gate_up = torch.empty(rows, two_i, dtype=x.dtype, device=x.device)
-        act = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
+
+def _forward(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    row_weight: torch.Tensor,
+    order: torch.Tensor,
+    inverse: torch.Tensor,
+    token_of_row: torch.Tensor,
+    expert_start: torch.Tensor,
+    expert_end: torch.Tensor,
+    tile_expert: torch.Tensor,
+    tile_row_start: torch.Tensor,
+    block_m: int,
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [T, H], gate_up pre-activation [T*K, 2I], act [T*K, I]) in routing row order."""
+    routing = Routing(order, inverse, token_of_row, expert_start, expert_end, tile_expert, tile_row_start, block_m)
+    tiles = _tiles(x, block_m)
+    tokens, hidden = x.shape
+    inter = gate_up_proj.shape[1] // 2
+    rows = token_of_row.shape[0]
+    gate_up = torch.empty(rows, 2 * inter, dtype=x.dtype, device=x.device)
+    act = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return torch.zeros_like(x, memory_format=torch.contiguous_format), gate_up, act
+    _row_gemm_launch(
+        "up_swiglu",
+        tiles,
+        routing,
+        x,
+        gate_up_proj.transpose(1, 2),
+        act,
+        n_out=inter,
+        kd=hidden,
+        epilogue=SWIGLU_FWD,
+        gather_a=True,
+        gate_up=gate_up,
+        half_n=inter,
+    )
+    _row_gemm_launch(
+        "down_scale",
+        tiles,
+        routing,
+        act,
+        down_proj.transpose(1, 2),
+        y,
+        n_out=hidden,
+        kd=inter,
+        epilogue=SCALE_ROWS,
+        row_scale=row_weight,
+    )
+    return _gather_sum(y, inverse, tokens, top_k, x.dtype), gate_up, act
+
+
+def _backward(
+    d_out: torch.Tensor,
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up: torch.Tensor,
+    act: torch.Tensor,
+    row_weight: torch.Tensor,
+    order: torch.Tensor,
+    inverse: torch.Tensor,
+    token_of_row: torch.Tensor,
+    expert_start: torch.Tensor,
+    expert_end: torch.Tensor,
+    tile_expert: torch.Tensor,
+    tile_row_start: torch.Tensor,
+    block_m: int,
+    top_k: int,
+    want_dx: bool,
+    want_d_gate_up_proj: bool,
+    want_d_down_proj: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, d_gate_up_proj, d_down_proj, d_row_weight); a gradient not wanted is an empty placeholder."""
+    routing = Routing(order, inverse, token_of_row, expert_start, expert_end, tile_expert, tile_row_start, block_m)
+    tiles = _tiles(x, block_m)
+    tokens, hidden = x.shape
+    rows, inter = act.shape
+    d_row_weight = torch.zeros(rows, dtype=torch.float32, device=x.device)
+    d_x = torch.empty((tokens, hidden) if want_dx else 0, dtype=x.dtype, device=x.device)
+    d_gate_up_proj = torch.empty(gate_up_proj.shape if want_d_gate_up_proj else 0, dtype=x.dtype, device=x.device)
+    d_down = torch.empty(down_proj.shape if want_d_down_proj else 0, dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return d_x.zero_(), d_gate_up_proj.zero_(), d_down.zero_(), d_row_weight
+    d_gate_up = torch.empty_like(gate_up)
+    _row_gemm_launch(
+        "down_dgrad_swiglu",
+        tiles,
+        routing,
+        d_out,
+        down_proj,
+        d_gate_up,
+        n_out=inter,
+        kd=hidden,
+        epilogue=SWIGLU_BWD,
+        gather_a=True,
+        gate_up=gate_up,
+        row_scale=row_weight,
+        dw=d_row_weight,
+        half_n=inter,
+    )
+    if want_d_down_proj:
+        _wgrad_launch(tiles, routing, d_out, act, d_down, gather_x=True, scale_x=row_weight)
+    if want_dx:
+        d_x_rows = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
         _row_gemm_launch(
-            "up_swiglu",
-            routing,
-            x,
-            gate_up_proj.transpose(1, 2),
-            act,
-            n_out=inter,
-            kd=hidden,
-            epilogue=SWIGLU_FWD,
-            gather_a=True,
-            gate_up=gate_up,
-            half_n=inter,
+            "up_dgrad", tiles, routing, d_gate_up, gate_up_proj, d_x_rows, n_out=hidden, kd=2 * inter, epilogue=PLAIN
         )
-        y = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
-        _row_gemm_launch(
-            "down_scale",
-            routing,
-            act,
-            down_proj.transpose(1, 2),
-            y,
-            n_out=hidden,
-            kd=inter,
-            epilogue=SCALE_ROWS,
-            row_scale=row_weight,
-        )
-        out = _gather_sum_launch(y, routing.inverse, tokens, top_k, x.dtype)
-
-        ctx.save_for_backward(
-            x,
-            gate_up_proj,
-            down_proj,
-            gate_up,
-            act,
-            row_weight,
-            routing.order,
-            routing.inverse,
-            routing.token_of_row,
-            routing.expert_start,
-            routing.expert_end,
-            routing.tile_expert,
-            routing.tile_row_start,
-        )
-        ctx.block_m, ctx.top_k, ctx.weights_dtype = routing.block_m, top_k, top_k_weights.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out):
-        (
-            x,
-            gate_up_proj,
-            down_proj,
-            gate_up,
-            act,
-            row_weight,
-            order,
-            inverse,
-            token_of_row,
-            expert_start,
-            expert_end,
-            tile_expert,
-            tile_row_start,
-        ) = ctx.saved_tensors
-        routing = Routing(
-            order, inverse, token_of_row, expert_start, expert_end, tile_expert, tile_row_start, ctx.block_m
-        )
-        tokens, hidden = x.shape
-        rows, inter = act.shape
-        d_out = d_out.contiguous()
-
-        d_row_weight = torch.zeros(rows, dtype=torch.float32, device=x.device)
-        d_gate_up = torch.empty_like(gate_up)
-        _row_gemm_launch(
-            "down_dgrad_swiglu",
-            routing,
-            d_out,
-            down_proj,
-            d_gate_up,
-            n_out=inter,
-            kd=hidden,
-            epilogue=SWIGLU_BWD,
-            gather_a=True,
-            gate_up=gate_up,
-            row_scale=row_weight,
-            dw=d_row_weight,
-            half_n=inter,
-        )
-        d_down = None
-        if ctx.needs_input_grad[2]:
-            d_down = torch.empty_like(down_proj)
-            _wgrad_launch(routing, d_out, act, d_down, gather_x=True, scale_x=row_weight)
-        d_x = None
-        if ctx.needs_input_grad[0]:
-            d_x_rows = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
-            _row_gemm_launch(
-                "up_dgrad", routing, d_gate_up, gate_up_proj, d_x_rows, n_out=hidden, kd=2 * inter, epilogue=PLAIN
-            )
-            d_x = _gather_sum_launch(d_x_rows, inverse, tokens, ctx.top_k, x.dtype)
-        d_gate_up_proj = None
-        if ctx.needs_input_grad[1]:
-            d_gate_up_proj = torch.empty_like(gate_up_proj)
-            _wgrad_launch(routing, d_gate_up, x, d_gate_up_proj, gather_y=True)
-        d_weights = d_row_weight[inverse].view(tokens, ctx.top_k).to(ctx.weights_dtype)
-        return d_x, d_gate_up_proj, d_down, None, d_weights
+        d_x = _gather_sum(d_x_rows, inverse, tokens, top_k, x.dtype)
+    if want_d_gate_up_proj:
+        _wgrad_launch(tiles, routing, d_gate_up, x, d_gate_up_proj, gather_y=True)
+    return d_x, d_gate_up_proj, d_down, d_row_weight
 
 
-def fused_moe(x, gate_up_proj, down_proj, top_k_index, top_k_weights) -> torch.Tensor:
-    """transformers' experts forward: ``sum_k w[t,k] * down[e](silu(gate[e](x)) * up[e](x))``, with autograd."""
-    return TritonMoEFunction.apply(x, gate_up_proj, down_proj, top_k_index, top_k_weights)
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, gate_up_proj, down_proj, row_weight, *routing, block_m, top_k = inputs
+    _, gate_up, act = output
+    ctx.save_for_backward(x, gate_up_proj, down_proj, gate_up, act, row_weight, *routing)
+    ctx.block_m, ctx.top_k = block_m, top_k
+
+
+def _backward_formula(ctx, d_out, _d_gate_up, _d_act):  # noqa: ANN001, ANN202
+    wants = ctx.needs_input_grad[:3]
+    d_x, d_gate_up_proj, d_down, d_row_weight = FUSED_MOE_BACKWARD(
+        d_out, *ctx.saved_tensors, ctx.block_m, ctx.top_k, *wants
+    )
+    grads = [g if want else None for g, want in zip((d_x, d_gate_up_proj, d_down), wants, strict=True)]
+    return (*grads, d_row_weight, *([None] * 7), None, None)
+
+
+FUSED_MOE_BACKWARD = KernelOp("fused_moe_backward", _backward)
+FUSED_MOE = KernelOp("fused_moe", _forward, setup_context=_setup_context, backward=_backward_formula)
+
+
+def check_moe_args(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> None:
+    """One-line ``ValueError`` unless x [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I], index/weights [T, K]."""
+    if x.dim() != 2 or gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+        raise ValueError(
+            f"fused_moe: x {tuple(x.shape)} must be [T, H] and gate_up_proj {tuple(gate_up_proj.shape)} / "
+            f"down_proj {tuple(down_proj.shape)} [E, 2I, H] / [E, H, I]"
+        )
+    tokens, hidden = x.shape
+    experts, two_i, gu_hidden = gate_up_proj.shape
+    if two_i % 2 or gu_hidden != hidden or tuple(down_proj.shape) != (experts, hidden, two_i // 2):
+        raise ValueError(
+            f"fused_moe: gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)} "
+            f"do not match [E, 2I, H] / [E, H, I] with H = {hidden}"
+        )
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != tokens or top_k_weights.shape != top_k_index.shape:
+        raise ValueError(
+            f"fused_moe: top_k_index {tuple(top_k_index.shape)} and top_k_weights {tuple(top_k_weights.shape)} "
+            f"must both be [T, K] with T = {tokens}"
+        )
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype.is_complex or top_k_index.dtype == torch.bool:
+        raise ValueError(f"fused_moe: top_k_index must hold integer expert ids, got {top_k_index.dtype}")
+    if not x.dtype == gate_up_proj.dtype == down_proj.dtype or not x.dtype.is_floating_point:
+        raise ValueError(
+            f"fused_moe: x ({x.dtype}), gate_up_proj ({gate_up_proj.dtype}) and down_proj ({down_proj.dtype}) "
+            "must share one floating dtype"
+        )
+    if not top_k_weights.dtype.is_floating_point:
+        raise ValueError(f"fused_moe: top_k_weights must be floating point, got {top_k_weights.dtype}")
+
+
+def fused_moe(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """transformers' experts forward: ``sum_k w[t,k] * down[e](silu(gate[e](x)) * up[e](x))``, with autograd.
+
+    Expert ids must lie in ``[0, E)`` (not checked: that would sync with the device). Raises
+    ``RuntimeError`` where no tiling fits the device (``moe_tiles.unfit_reason`` says so in advance).
+    """
+    check_moe_args(x, gate_up_proj, down_proj, top_k_index, top_k_weights)
+    tokens, top_k = top_k_index.shape
+    experts = gate_up_proj.shape[0]
+    block_m = preferred_block_m(tokens * top_k, experts)
+    routing = route(top_k_index, experts, block_m)
+    row_weight = top_k_weights.reshape(-1)[routing.order].float()
+    out, _, _ = FUSED_MOE(x, gate_up_proj, down_proj, row_weight, *routing.tensors(), block_m, top_k)
+    return out

@@ -27,15 +27,26 @@ class Routing:
     def max_tiles(self) -> int:
         return self.tile_expert.numel()
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The index tensors in field order (operator arguments); ``from_tensors`` rebuilds the routing."""
+        return (
+            self.order,
+            self.inverse,
+            self.token_of_row,
+            self.expert_start,
+            self.expert_end,
+            self.tile_expert,
+            self.tile_row_start,
+        )
 
-def choose_block_m(rows: int, num_experts: int) -> int:
-    """Tile height: 128 when experts average >= 256 rows, else 64 (fewer idle rows per tile)."""
-    return 128 if rows >= 256 * num_experts else 64
+    @classmethod
+    def from_tensors(cls, tensors: tuple[torch.Tensor, ...], block_m: int) -> Routing:
+        return cls(*tensors, block_m)
 
 
 def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     """Sort token copies by expert and lay out GEMM tiles, all on the index tensor's device."""
-    tokens, top_k = top_k_index.shape
+    top_k = top_k_index.shape[1]
     flat = top_k_index.reshape(-1).to(torch.int64)
     sorted_experts, order = torch.sort(flat, stable=True)
     bounds = torch.arange(num_experts + 1, device=flat.device, dtype=torch.int64)

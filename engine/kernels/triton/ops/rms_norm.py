@@ -1,6 +1,8 @@
-"""Triton RMSNorm, forward and backward, with transformers' llama and gemma casting conventions.
+"""Triton RMSNorm as ``engine::rms_norm`` / ``engine::rms_norm_backward``, with transformers' llama and gemma
+casting conventions.
 
-Forward reads x once and writes y and a per-row fp32 rstd. Backward reads x, dy, rstd and writes dx; the
+Forward reads x once and writes y and a per-row fp32 rstd. Rows may have any stride (a tensor whose columns
+are not unit-stride is copied first); the weight may have any stride. Backward reads x, dy, rstd and writes dx; the
 weight gradient is accumulated in fp32 per program of a persistent grid, then summed over programs in program
 order (deterministic): by the last program to finish for rows up to TAIL_REDUCE_MAX_COLUMNS wide (one launch),
 else by a second small launch. Pointer offsets are int64, so tensors over 2**31 elements are safe.
@@ -14,10 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton.launch import launch
+from engine.kernels.triton.ops.library import KernelOp, is_real, run_kernel, unused_pointer
+from engine.kernels.triton.rms_norm import MAX_COLUMNS
 from engine.kernels.triton.runtime import next_power_of_2, program_count
 
-MAX_FUSED_COLUMNS = 65536
 # Backward launch shape, by row width: rows per loop step, warps, and programs per SM of the persistent grid.
 # Tuned on an H100 by the GPU time of fwd+bwd (CUDA-graph replay): ``benchmarks/bench_kernels.py --sweep-rms-norm``.
 # ``two_pass``: dx in one launch of one row block per program, then dw by a column reduction re-reading x and dy.
@@ -46,6 +48,7 @@ def _rms_norm_fwd(
     RSTD,
     stride_x,
     stride_y,
+    stride_w,
     n_rows,
     n_cols,
     eps,
@@ -61,7 +64,7 @@ def _rms_norm_fwd(
     rows64 = rows.to(tl.int64)
     x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + offset
+    w = tl.load(W + cols * stride_w, mask=cols < n_cols, other=0.0).to(tl.float32) + offset
     normed = x * rstd[:, None]
     if not GEMMA:  # transformers rounds the normalised input to its dtype before scaling by the weight
         normed = normed.to(X.dtype.element_ty).to(tl.float32)
@@ -83,6 +86,7 @@ def _rms_norm_bwd(
     stride_x,
     stride_dy,
     stride_dx,
+    stride_w,
     n_rows,
     n_cols,
     offset,
@@ -102,7 +106,7 @@ def _rms_norm_bwd(
     n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
+    w = tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32) + offset
     dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(pid * BLOCK_M, n_rows, n_programs * BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
@@ -209,30 +213,21 @@ def set_bwd_tuning(key: str, tuning: dict[str, int]) -> None:
     """Replace one row of BWD_TUNING (``narrow`` or ``wide``); used by the benchmark's sweep."""
     BWD_TUNING[key] = dict(tuning)
     _bwd_config.cache_clear()
-    _bwd_launch_shape.cache_clear()
-
-
-@functools.lru_cache(maxsize=1024)
-def _bwd_launch_shape(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, int, int, int, bool]:
-    """(programs, BLOCK_M, BLOCK_N, num_warps, programs_per_sm, two_pass) of the backward launch."""
-    block_m, block_n, warps, per_sm, two_pass = _bwd_config(n_cols)
-    if two_pass:
-        programs = triton.cdiv(n_rows, block_m)  # one row block each: the loop runs once
-    else:
-        programs = max(1, min(program_count(device, per_sm=per_sm), triton.cdiv(n_rows, block_m)))
-    return programs, block_m, block_n, warps, per_sm, two_pass
 
 
 _tail_workspaces: dict[tuple[str, int | None, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _tail_workspace(device: torch.device, partial_numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int32 counter, fp32 shares) kept per device and stream; the kernel leaves the counter at 0.
+def _tail_workspace(like: torch.Tensor, partial_numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 counter, fp32 shares): reused per device and stream in eager, fresh when traced or captured.
 
-    Launches on one stream run in order, so reusing them there is safe; another stream gets its own.
-    Under CUDA-graph capture both are fresh graph allocations, the counter zeroed by a captured memset.
+    The kernel leaves the counter at 0 and launches on one stream run in order, so eager calls there can
+    share it; another stream gets its own. A traced call (compile) or a CUDA-graph capture allocates both,
+    the counter zeroed by an op of the graph, so no state outlives one call or one replay.
     """
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    device = like.device
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing or not is_real(like):
         counter = torch.zeros(1, dtype=torch.int32, device=device)
         return counter, torch.empty(partial_numel, dtype=torch.float32, device=device)
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
@@ -245,31 +240,35 @@ def _tail_workspace(device: torch.device, partial_numel: int) -> tuple[torch.Ten
     return entry
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its rows are packed (the usual case), else a packed copy; the kernels index rows by numel."""
-    return t if t.is_contiguous() else t.contiguous()
+def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """``t`` as [rows, n_cols] with unit column stride: a view where possible (any row stride), else a copy."""
+    rows = t.reshape(-1, n_cols)
+    return rows if rows.stride(1) == 1 else rows.contiguous()
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, gemma: bool):
-    """Launch the forward; returns (y, packed x, rstd)."""
-    x = _as_rows(x)
-    n_cols = x.shape[-1]
-    n_rows = x.numel() // n_cols if n_cols else 0
-    if gemma or weight.dtype == x.dtype:
-        y = torch.empty_like(x)
-    else:
-        y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype))
-    rstd = x.new_empty(n_rows, dtype=torch.float32)
+def _forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, gemma: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, per-row fp32 rstd)."""
+    n_cols = int(x.shape[-1])
+    x_rows = _as_rows(x, n_cols)
+    n_rows = x_rows.shape[0]
+    out_dtype = x.dtype if gemma or weight.dtype == x.dtype else torch.promote_types(x.dtype, weight.dtype)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return y, rstd
     block_m, block_n, warps = _fwd_config(n_cols)
-    launch(
+    run_kernel(
         _rms_norm_fwd,
         (triton.cdiv(n_rows, block_m),),
-        x,
+        x_rows,
         weight,
         y,
         rstd,
+        x_rows.stride(0),
         n_cols,
-        n_cols,
+        weight.stride(0),
         n_rows,
         n_cols,
         eps,
@@ -279,46 +278,54 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, g
         GEMMA=gemma,
         num_warps=warps,
     )
-    return y, x, rstd
+    return y, rstd
 
 
 def _backward(
+    dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
     rstd: torch.Tensor,
-    dy: torch.Tensor,
     offset: float,
     gemma: bool,
     want_dw: bool,
-):
-    """(dx, dw or None) for packed x and its saved rstd."""
-    dy = _as_rows(dy)
-    n_cols = x.shape[-1]
-    n_rows = rstd.shape[0]
-    dx = torch.empty_like(x)
-    programs, block_m, block_n, warps, per_sm, two_pass = _bwd_launch_shape(n_rows, n_cols, x.device)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw); dw is an empty placeholder when not wanted."""
+    n_cols = int(x.shape[-1])
+    x_rows, dy_rows = _as_rows(x, n_cols), _as_rows(dy, n_cols)
+    n_rows = x_rows.shape[0]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw = torch.empty(n_cols if want_dw else 0, dtype=weight.dtype, device=weight.device)
+    if n_rows == 0:
+        return dx, dw.zero_()
+    block_m, block_n, warps, per_sm, two_pass = _bwd_config(n_cols)
+    if two_pass:
+        programs = triton.cdiv(n_rows, block_m)  # one row block each: the loop runs once
+    else:
+        programs = max(1, min(program_count(x.device, per_sm=per_sm), triton.cdiv(n_rows, block_m)))
     fused_dw = want_dw and not two_pass
     tail = fused_dw and block_n <= TAIL_REDUCE_MAX_COLUMNS
-    dw = torch.empty_like(weight) if tail else None
     if tail:
-        counter, partial = _tail_workspace(x.device, programs * n_cols)
+        counter, partial = _tail_workspace(x_rows, programs * n_cols)
+    elif fused_dw:
+        partial, counter = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device), unused_pointer(rstd)
     else:
-        partial = x.new_empty((programs if fused_dw else 1, n_cols), dtype=torch.float32)
-        counter = partial
-    launch(
+        partial, counter = unused_pointer(rstd), unused_pointer(rstd)
+    run_kernel(
         _rms_norm_bwd,
         (programs,),
-        x,
+        x_rows,
         weight,
-        dy,
+        dy_rows,
         rstd,
         dx,
         partial,
-        dw if tail else dx,
+        dw if tail else unused_pointer(dx),
         counter,
+        x_rows.stride(0),
+        dy_rows.stride(0),
         n_cols,
-        n_cols,
-        n_cols,
+        weight.stride(0),
         n_rows,
         n_cols,
         offset,
@@ -338,15 +345,15 @@ def _backward(
         rows_per_chunk = triton.cdiv(triton.cdiv(n_rows, chunks), DW_BLOCK_R) * DW_BLOCK_R
         chunks = triton.cdiv(n_rows, rows_per_chunk)
         partial = torch.empty(chunks, n_cols, dtype=torch.float32, device=x.device)
-        launch(
+        run_kernel(
             _rms_norm_bwd_dw,
             (col_blocks, chunks),
-            x,
-            dy,
+            x_rows,
+            dy_rows,
             rstd,
             partial,
-            n_cols,
-            n_cols,
+            x_rows.stride(0),
+            dy_rows.stride(0),
             n_rows,
             n_cols,
             rows_per_chunk,
@@ -355,9 +362,8 @@ def _backward(
             GEMMA=gemma,
             num_warps=4,
         )
-    dw = torch.empty_like(weight)
     block_c = min(256, block_n)
-    launch(
+    run_kernel(
         _sum_partials,
         (triton.cdiv(n_cols, block_c),),
         partial,
@@ -370,26 +376,34 @@ def _backward(
     return dx, dw
 
 
-class TritonRMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, gemma: bool) -> torch.Tensor:
-        y, x_rows, rstd = _forward(x, weight, eps, offset, gemma)
-        ctx.save_for_backward(x_rows, weight, rstd)
-        ctx.offset, ctx.gemma = offset, gemma
-        return y
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, _, offset, gemma = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.offset, ctx.gemma = offset, gemma
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x_rows, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(x_rows, weight, rstd, dy, ctx.offset, ctx.gemma, ctx.needs_input_grad[1])
-        return dx, dw, None, None, None
+
+def _backward_formula(ctx, dy, _drstd):  # noqa: ANN001, ANN202
+    x, weight, rstd = ctx.saved_tensors
+    want_dw = ctx.needs_input_grad[1]
+    dx, dw = RMS_NORM_BACKWARD(dy, x, weight, rstd, ctx.offset, ctx.gemma, want_dw)
+    return dx, dw if want_dw else None, None, None, None
+
+
+RMS_NORM_BACKWARD = KernelOp("rms_norm_backward", _backward)
+RMS_NORM = KernelOp("rms_norm", _forward, setup_context=_setup_context, backward=_backward_formula)
+
+
+def check_rms_norm_args(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """One-line ``ValueError`` unless x [..., N] (0 < N <= MAX_COLUMNS) and weight [N] are floating."""
+    if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
+    if not 0 < x.shape[-1] <= MAX_COLUMNS:
+        raise ValueError(f"rms_norm: rows of {x.shape[-1]} columns; the kernel takes 1 to {MAX_COLUMNS}")
+    if not (x.dtype.is_floating_point and weight.dtype.is_floating_point):
+        raise ValueError(f"rms_norm: x ({x.dtype}) and weight ({weight.dtype}) must be floating point")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, gemma: bool = False):
-    """``y = (w + offset) * x * rsqrt(mean(x^2) + eps)`` over the last dim, with autograd.
-
-    Without a gradient to track (inference, ``no_grad``) the kernel is launched without an autograd node.
-    """
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return TritonRMSNormFunction.apply(x, weight, eps, offset, gemma)
-    return _forward(x, weight, eps, offset, gemma)[0]
+    """``y = (w + offset) * x * rsqrt(mean(x^2) + eps)`` over the last dim, with autograd, any strides."""
+    check_rms_norm_args(x, weight)
+    return RMS_NORM(x, weight, float(eps), float(offset), bool(gemma))[0]

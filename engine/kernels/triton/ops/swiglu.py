@@ -1,4 +1,8 @@
-"""Triton SwiGLU activation ``silu(gate) * up``: one pass forward, one pass backward, fp32 math."""
+"""Triton SwiGLU activation ``silu(gate) * up`` as ``engine::swiglu``: one pass each way, fp32 math.
+
+The kernels stream packed elements; gate or up tensors that are not packed (a chunk of a fused gate_up
+projection, a transposed view) are copied to packed ones first. Outputs and gradients are packed.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton.launch import launch
+from engine.kernels.triton.ops.library import KernelOp, run_kernel
 
 BLOCK = 2048
 
@@ -45,34 +49,47 @@ def _swiglu_bwd(A, B, DC, DA, DB, n, BLOCK: tl.constexpr):
     tl.store(DB + offs, db.to(DB.dtype.element_ty), mask=mask)
 
 
-def _forward(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed gate, packed up, silu(gate) * up)."""
+def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
+    out = torch.empty_like(gate, memory_format=torch.contiguous_format)
     n = gate.numel()
-    launch(_swiglu_fwd, (triton.cdiv(n, BLOCK),), gate, up, out, n, BLOCK=BLOCK, num_warps=8)
-    return gate, up, out
+    if n:
+        run_kernel(_swiglu_fwd, (triton.cdiv(n, BLOCK),), gate, up, out, n, BLOCK=BLOCK, num_warps=8)
+    return out
 
 
-class TritonSwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        gate_c, up_c, out = _forward(gate, up)
-        ctx.save_for_backward(gate_c, up_c)
-        return out
+def _backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gate, up, dout = gate.contiguous(), up.contiguous(), dout.contiguous()
+    dgate = torch.empty_like(gate, memory_format=torch.contiguous_format)
+    dup = torch.empty_like(up, memory_format=torch.contiguous_format)
+    n = gate.numel()
+    if n:
+        run_kernel(_swiglu_bwd, (triton.cdiv(n, BLOCK),), gate, up, dout, dgate, dup, n, BLOCK=BLOCK, num_warps=8)
+    return dgate, dup
 
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        gate, up = ctx.saved_tensors
-        dout = dout.contiguous()
-        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-        n = gate.numel()
-        launch(_swiglu_bwd, (triton.cdiv(n, BLOCK),), gate, up, dout, dgate, dup, n, BLOCK=BLOCK, num_warps=8)
-        return dgate, dup
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_formula(ctx, dout):  # noqa: ANN001, ANN202
+    gate, up = ctx.saved_tensors
+    return SWIGLU_BACKWARD(dout, gate, up)
+
+
+SWIGLU_BACKWARD = KernelOp("swiglu_backward", _backward)
+SWIGLU = KernelOp("swiglu", _forward, setup_context=_setup_context, backward=_backward_formula)
+
+
+def check_swiglu_args(gate: torch.Tensor, up: torch.Tensor) -> None:
+    """One-line ``ValueError`` unless gate and up have one shape and one floating dtype."""
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    if gate.dtype != up.dtype or not gate.dtype.is_floating_point:
+        raise ValueError(f"swiglu: gate ({gate.dtype}) and up ({up.dtype}) must share one floating dtype")
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` with autograd; gate and up must have the same shape and dtype."""
-    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return TritonSwiGLUFunction.apply(gate, up)
-    return _forward(gate, up)[2]
+    """``silu(gate) * up`` with autograd, any strides; gate and up must have the same shape and dtype."""
+    check_swiglu_args(gate, up)
+    return SWIGLU(gate, up)
