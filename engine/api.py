@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from engine import log, patching
+from engine.binding import binder_for
 from engine.catalog import SPEC_PATH_ENV, find_spec, specs_for_model_type
 from engine.device import DEVICE_ENV, DeviceType, detect_device, validate_device
 from engine.errors import DeviceMismatchError, KernelUnavailableError, NoSpecError
@@ -97,6 +98,10 @@ def install(model: nn.Module, result: Plan, verbose: bool = True) -> PatchHandle
                 handle.modules.append(
                     patching.install_module_patch(module, planned.kernel, planned.options, planned.binder, item)
                 )
+            for module, kernel in planned.companions:
+                binder = binder_for(type(module).forward, 1, drop_self=True)
+                assert not isinstance(binder, str), binder
+                handle.modules.append(patching.install_module_patch(module, kernel, planned.options, binder, item))
             handle.report.patched.append(item)
     except BaseException:
         handle.revert()
@@ -195,7 +200,7 @@ def discover_kernels(
         p.installed.kernel for h in handles(model) if h.report.device == device for p in (*h.modules, *h.functions)
     ]
     planned = [p.kernel for p in plan(model, None, device, spec_dirs=spec_dirs, allow_modules=allow_modules).patches]
-    return list(dict.fromkeys(current + planned))
+    return [k for k in dict.fromkeys(current + planned) if is_kernel_class(k)]  # companions are no entry's kernel
 
 
 def handles(model: nn.Module) -> list[PatchHandle]:

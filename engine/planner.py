@@ -38,6 +38,7 @@ class PlannedPatch:
     modules: list[tuple[str, nn.Module]] = field(default_factory=list)
     function: tuple[types.ModuleType, str, Callable[..., Any]] | None = None
     note: str | None = None
+    companions: list[tuple[nn.Module, Any]] = field(default_factory=list)  # (module, its kernel class)
 
 
 @dataclass
@@ -238,5 +239,11 @@ class Planner:
             binder = binder_for(type(sample).forward, len(kind.params), drop_self=True)
             if isinstance(binder, str):
                 return self._skip(spec, entry, binder, notes)
+        companions = [pair for _, module in fresh for pair in kernel.companions(module, options)]
+        taken = [type(m).__name__ for m, _ in companions if patched_call_of(m) is not None]
+        if taken:
+            return self._skip(spec, entry, f"{', '.join(taken)} (patched with it) is already patched", notes)
         note = simulation_note(sample)
-        return PlannedPatch(spec.name, entry, kernel, options, binder, modules=fresh, note=note), notes
+        planned = PlannedPatch(spec.name, entry, kernel, options, binder, modules=fresh, note=note)
+        planned.companions = companions
+        return planned, notes

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, Qwen3Config
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import engine
+from engine.patching import patched_call_of
 from engine.spec import KernelSpec
 from engine.testing import tiny_models
 from tests.test_linear_cross_entropy_op import npu_cross_entropy_loss
@@ -264,9 +265,14 @@ def test_revert_restores_model_and_head_and_deepcopy_carries_the_patch():
     handle = fuse(model)
     twin = copy.deepcopy(model)
     assert twin(**batch).logits is None
-    assert "forward" not in model.lm_head.__dict__  # the head is swapped only during a call
+    assert patched_call_of(model.lm_head) is not None  # the head's companion patch, installed with the entry
+    assert patched_call_of(twin.lm_head).target is twin.lm_head
+    with torch.no_grad():  # outside a fused call the patched head computes logits as before
+        hidden = torch.randn(2, model.config.hidden_size)
+        torch.testing.assert_close(model.lm_head(hidden), torch.nn.functional.linear(hidden, model.lm_head.weight))
     handle.revert()
-    assert "forward" not in model.__dict__ and model(**batch).logits is not None
+    assert "forward" not in model.__dict__ and "forward" not in model.lm_head.__dict__
+    assert model(**batch).logits is not None
     assert set(model.state_dict()) == keys
 
 

@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import engine
 from engine.testing import tiny_models
-from tests.parity import assert_close_grads
+from tests.parity import assert_close_grads, loss_and_grads
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -46,13 +46,18 @@ def engine_ops_in(counter: CompileCounterWithBackend) -> set[str]:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", sorted(EXPECTED_OPS))
 def test_compiled_patched_model_matches_compiled_unpatched(family, backend):
+    """The patched model compiles as one graph holding the engine's operators and matches the unpatched model,
+    compiled where it compiles with ``fullgraph=True`` (transformers 5.17's experts do not on CPU), else eager."""
     model = tiny_models.build(family).to(DEVICE)
     batch = {k: v.to(DEVICE) for k, v in tiny_models.sample_batch(model).items()}
-    ref_loss, ref_grads, ref_counter = compiled_step(model, batch, backend)
-    assert ref_counter.frame_count == 1  # the unpatched model compiles as one graph ...
+    ref_loss, ref_grads = loss_and_grads(model, batch)
+    try:
+        ref_loss, ref_grads, _ = compiled_step(model, batch, backend)
+    except Exception as exc:  # noqa: BLE001 (any compile failure of the unpatched model)
+        assert family == "qwen3_moe", f"unpatched {family} no longer compiles with fullgraph=True: {exc}"
     with engine.apply(model, spec=family, device="cuda", verbose=False):
         loss, grads, counter = compiled_step(model, batch, backend)
-    assert counter.frame_count == 1  # ... and so does the patched one: no break caused by the engine
+    assert counter.frame_count == 1  # one graph: no break caused by the engine
     assert engine_ops_in(counter) == EXPECTED_OPS[family]
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_close_grads(ref_grads, grads, rtol=1e-4)

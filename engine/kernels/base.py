@@ -90,6 +90,12 @@ class MetaKernel(metaclass=KernelMeta):
         return True
 
     @classmethod
+    def companions(cls, target: Any, options: BaseModel) -> list[tuple[torch.nn.Module, type[MetaKernel]]]:
+        """Other modules a patch of ``target`` patches too, each with its kernel class (which receives the module's
+        first call parameter); installed and reverted with the entry. The fused loss patches its output head."""
+        return []
+
+    @classmethod
     def run(cls, target: Any, options: BaseModel, *args: Any) -> Any:
         """The replacement computation; ``target`` is the patched module, or the original function."""
         raise NotImplementedError(f"{cls.__name__} does not implement run()")

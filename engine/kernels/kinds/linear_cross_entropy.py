@@ -4,14 +4,15 @@ Target: a ``*ForCausalLM`` / ``*ForConditionalGeneration`` module whose forward 
 output head (``get_output_embeddings()``, a plain bias-free ``nn.Linear``), optionally final-logit softcapping,
 and transformers' ``ForCausalLMLoss``. The kind takes the raw call (``params=None``).
 
-How a fused call runs (:func:`fused_forward`): the module's own class forward runs with ``labels=None`` while the
-output head's forward is swapped, for that call only, for a :class:`HeadCapture`. Inside the head call (so hooks
-on the head, e.g. FSDP2's unshard or accelerate's device moves, still run around it) the capture computes the
-loss from the final hidden states it receives and the head weight, through the device kernel's chunked loss, and
-returns a zero-size placeholder instead of logits. The capture is a plain object swapped through the head's
-``__dict__`` so Dynamo traces it as an ordinary side effect (no graph break). Afterwards the output object is
-rebuilt with ``.loss`` set (plus the MoE router auxiliary loss where the model returns one) and ``.logits`` per
-the ``logits`` option.
+How a fused call runs (:func:`fused_forward`): the module's own class forward runs with ``labels=None`` while a
+:class:`HeadCapture` is pushed on :data:`ACTIVE_CAPTURES`. The output head is patched too (a companion patch
+installed with the entry, running :func:`handoff`): while its model's capture is active it hands the final hidden
+states it receives to the capture instead of computing logits. Inside the head call (so hooks on the head, e.g.
+FSDP2's unshard or accelerate's device moves, still run around it) the capture computes the loss from those
+hidden states and the head weight, through the device kernel's chunked loss, and returns a zero-size placeholder
+instead of logits. Pushing to a module-level list is a side effect Dynamo traces (no graph break, unlike
+swapping a module's forward during the call). Afterwards the output object is rebuilt with ``.loss`` set (plus
+the MoE router auxiliary loss where the model returns one) and ``.logits`` per the ``logits`` option.
 
 Semantics kept from transformers: labels shifted left by one (or ``shift_labels`` as given), ``ignore_index``
 (default -100), mean over non-ignored targets or ``sum / num_items_in_batch``, ``logits_to_keep`` (the head
@@ -20,6 +21,7 @@ sees whatever hidden states the forward passes it), ``config.final_logit_softcap
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from collections.abc import Callable
@@ -166,9 +168,14 @@ class HeadCapture:
         return hidden.new_empty((*hidden.shape[:-1], 0))
 
 
-def _head_slot(head: nn.Module) -> str:
-    """Where the head's forward is looked up: under an accelerate hook, the hooked ``_old_forward``."""
-    return "_old_forward" if "_hf_hook" in head.__dict__ and "_old_forward" in head.__dict__ else "forward"
+ACTIVE_CAPTURES: list[HeadCapture] = []  # the fused calls in progress, innermost last
+
+
+def handoff(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The patched output head's forward: feed the active capture of this head, else compute logits as usual."""
+    if len(ACTIVE_CAPTURES) > 0 and ACTIVE_CAPTURES[-1].head is head:
+        return ACTIVE_CAPTURES[-1](hidden)
+    return type(head).forward(head, hidden)
 
 
 def router_aux_coefficient(model: nn.Module) -> float:
@@ -192,16 +199,11 @@ def fused_forward(
         kwargs.get("ignore_index", IGNORE_INDEX),
         softcap_of(model),
     )
-    slot = _head_slot(head)
-    previous = head.__dict__.get(slot)
-    head.__dict__[slot] = capture
+    ACTIVE_CAPTURES.append(capture)
     try:
         output = type(model).forward(model, *args, **kwargs)
     finally:
-        if previous is None:
-            head.__dict__.pop(slot, None)
-        else:
-            head.__dict__[slot] = previous
+        ACTIVE_CAPTURES.pop()
     loss = capture.loss
     if loss is None:
         raise RuntimeError(f"{type(model).__name__}.forward never called its output head; nothing to fuse")
@@ -241,7 +243,7 @@ def check(model: Any, options: LinearCrossEntropyOptions) -> str | None:
     if head.bias is not None:
         return "output head has a bias; the fused loss covers bias-free heads"
     if "forward" in head.__dict__ and "_hf_hook" not in head.__dict__:
-        return "output head's forward is replaced on the instance by other code; not fused"
+        return "output head's forward is replaced on the instance (by other code, or an engine patch); not fused"
     if getattr(model, "loss_function", None) is not ForCausalLMLoss:
         return "model.loss_function is not transformers' ForCausalLMLoss (a custom loss is kept)"
     vocab = text_config_value(model, "vocab_size")
@@ -277,6 +279,8 @@ def probe(model: Any, options: LinearCrossEntropyOptions) -> str | None:
         call["output_router_logits"] = False
     with torch.no_grad():
         want = type(twin).forward(twin, **call).loss
+        head = twin.get_output_embeddings()
+        head.__dict__["forward"] = functools.partial(handoff, head)  # the twin's head, as the companion patch
         got = fused_forward(twin, options, (), call, reference).loss
     return mismatch(got, want)
 

@@ -9,14 +9,41 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from engine.device import DeviceType
 from engine.kernels.base import MetaKernel
 from engine.kernels.kinds import KernelType
-from engine.kernels.kinds.linear_cross_entropy import LinearCrossEntropyOptions, LossFn, fused_forward
+from engine.kernels.kinds.linear_cross_entropy import (
+    ACTIVE_CAPTURES,
+    LinearCrossEntropyOptions,
+    LossFn,
+    fused_forward,
+    handoff,
+)
 from engine.kernels.portable.ops.linear_cross_entropy import linear_cross_entropy
 
 # Keyword that lets one call choose (Liger-Kernel's name): True fuses a call with labels even in eval mode,
 # False runs the original forward with full logits.
 SKIP_LOGITS = "skip_logits"
+
+
+class OutputHeadKernel(MetaKernel):
+    """The companion patch of a fused loss's output head (no type/device: never registered or planned alone).
+
+    It acts only while a fused call of its model is in progress, handing the head's input to that call's
+    capture; every other call runs the head unchanged.
+    """
+
+    @classmethod
+    def tensor_devices(cls) -> frozenset[str]:
+        return frozenset(d.value for d in DeviceType)
+
+    @classmethod
+    def supports(cls, options: Any, hidden: Any) -> bool:
+        return len(ACTIVE_CAPTURES) > 0
+
+    @classmethod
+    def run(cls, head: nn.Module, options: Any, hidden: Any) -> Any:  # type: ignore[override]
+        return handoff(head, hidden)
 
 
 class LinearCrossEntropyKernel(MetaKernel):
@@ -33,6 +60,10 @@ class LinearCrossEntropyKernel(MetaKernel):
     @classmethod
     def supports(cls, options: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         return "labels" in kwargs or SKIP_LOGITS in kwargs
+
+    @classmethod
+    def companions(cls, model: nn.Module, options: Any) -> list[tuple[nn.Module, type[MetaKernel]]]:
+        return [(model.get_output_embeddings(), OutputHeadKernel)]
 
     @classmethod
     def loss_fn(cls, options: LinearCrossEntropyOptions) -> LossFn:
