@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,11 @@ def _patched_item(planned: PlannedPatch) -> PatchedItem:
     else:
         target, scope = planned.entry.target.label, "per-instance forward"
         names = [name or "<root>" for name, _ in planned.modules]
-    return PatchedItem(planned.spec, planned.entry.name, planned.kernel.__name__, target, scope, names, planned.note)
+    notes = [planned.note] if planned.note else []
+    if planned.kernel.under_compile == "original" and os.environ.get(patching.UNDER_COMPILE_ENV) != "kernel":
+        notes.append("torch.compile sees the original code")
+    note = "; ".join(notes) or None
+    return PatchedItem(planned.spec, planned.entry.name, planned.kernel.__name__, target, scope, names, note)
 
 
 def preview(result: Plan) -> PatchReport:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import os
 import threading
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from engine import log
@@ -30,6 +32,7 @@ from engine.errors import PatchConflictError
 from engine.report import PatchedItem, PatchReport
 
 HANDLES_ATTR = "_engine_handles"
+UNDER_COMPILE_ENV = "ENGINE_UNDER_COMPILE"  # "kernel": every kernel under torch.compile (see MetaKernel.under_compile)
 _LOCK = threading.RLock()
 
 
@@ -64,10 +67,13 @@ class PatchedCall:
         self.target = target
         self.item = item
         self.devices = kernel.tensor_devices()
+        self.defer_to_compiler = kernel.under_compile == "original" and os.environ.get(UNDER_COMPILE_ENV) != "kernel"
         if not isinstance(target, nn.Module):
             functools.update_wrapper(self, original)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.defer_to_compiler and torch.compiler.is_compiling():
+            return self.original(*args, **kwargs)
         if self.binder is None:  # the kernel takes the raw call
             if self.kernel.supports(self.options, args, kwargs):
                 return self.kernel.run(self.target, self.options, args, kwargs)

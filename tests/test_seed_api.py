@@ -52,6 +52,8 @@ def tiny_qwen2() -> torch.nn.Module:
 @pytest.fixture()
 def accelerator(monkeypatch):
     """Mock ``torch.accelerator`` the way the seed's own tests do; returns a setter for the device type."""
+    import engine.device
+
     monkeypatch.delenv("ENGINE_DEVICE", raising=False)
     current = {"type": None}
 
@@ -59,6 +61,11 @@ def accelerator(monkeypatch):
         return None if current["type"] is None else SimpleNamespace(type=current["type"])
 
     monkeypatch.setattr(torch.accelerator, "current_accelerator", fake)
+    # "no accelerator" must mean cpu on a GPU machine too: the per-backend probes find nothing either
+    monkeypatch.setattr(engine.device, "_npu_available", lambda: False)
+    monkeypatch.setattr(engine.device, "_backend_available", lambda name: False)
+    monkeypatch.setattr(engine.device, "_mps_available", lambda: False)
+    monkeypatch.setattr(engine.device.torch.cuda, "is_available", lambda: False)
     return lambda device: current.__setitem__("type", device)
 
 

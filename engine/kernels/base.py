@@ -7,7 +7,7 @@ kind explicitly where a type has several (``ROPE``: ``rope``, ``vision_rope``, `
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel
@@ -57,6 +57,10 @@ class MetaKernel(metaclass=KernelMeta):
     device: ClassVar[DeviceType]
     kind: ClassVar[str]
     auto_register: ClassVar[bool] = True
+    # Inside torch.compile: "kernel" traces this kernel's operator; "original" lets the compiler see the original
+    # code, for kernels whose work the compiler generates as well and can fuse with its neighbours
+    # (``ENGINE_UNDER_COMPILE=kernel`` keeps every kernel).
+    under_compile: ClassVar[Literal["kernel", "original"]] = "kernel"
 
     @classmethod
     def apply(cls, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:

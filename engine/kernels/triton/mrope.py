@@ -17,6 +17,7 @@ class TritonMRoPEKernel(TritonKernel):
     type = KernelType.ROPE
     kind = "mrope"
     device = "cuda"
+    under_compile = "original"  # Inductor generates this kernel too and fuses it with its neighbours
     _tables: ClassVar[weakref.WeakKeyDictionary[nn.Module, torch.Tensor]] = weakref.WeakKeyDictionary()
 
     @classmethod

@@ -15,6 +15,7 @@ MAX_COLUMNS = 65536  # one row per program block; wider rows keep the original
 class TritonRMSNormKernel(TritonKernel):
     type = KernelType.RMSNORM
     device = "cuda"
+    under_compile = "original"  # Inductor generates this kernel too and fuses it with its neighbours
 
     @classmethod
     def supports(cls, options: RMSNormOptions, x: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@ def _bshd_to_bhsd(q, k, unsqueeze_dim: int):  # noqa: ANN001, ANN202
 class TritonRoPEKernel(TritonKernel):
     type = KernelType.ROPE
     device = "cuda"
+    under_compile = "original"  # Inductor generates this kernel too and fuses it with its neighbours
 
     @classmethod
     def supports(cls, options: BaseModel, q, k, cos, sin, unsqueeze_dim: int = 1) -> bool:  # noqa: ANN001

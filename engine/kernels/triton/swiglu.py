@@ -13,6 +13,7 @@ from engine.kernels.triton.base import TritonKernel
 class TritonSwiGLUKernel(TritonKernel):
     type = KernelType.SWIGLU
     device = "cuda"
+    under_compile = "original"  # Inductor generates this kernel too and fuses it with its neighbours
 
     @classmethod
     def run(cls, module: nn.Module, options: BaseModel, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ class TritonVisionRoPEKernel(TritonKernel):
     type = KernelType.ROPE
     kind = "vision_rope"
     device = "cuda"
+    under_compile = "original"  # Inductor generates this kernel too and fuses it with its neighbours
     auto_register = False
 
     @classmethod
