@@ -39,6 +39,15 @@ def _source_rows(SRC, rows, mask, GATHER: tl.constexpr):
 
 
 @triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, BLOCKWISE: tl.constexpr):
+    """``acc + a @ b``. BLOCKWISE sums each K block on its own before adding it (fp32): a serial sum over the
+    whole K dimension would carry ~sqrt(K) roundings into every output, against ~sqrt(K / BLOCK_K) here."""
+    if BLOCKWISE:
+        return acc + tl.dot(a, b, input_precision=PRECISION)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _row_gemm(
     A,
     B,
@@ -65,6 +74,7 @@ def _row_gemm(
     EPILOGUE: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
+    BLOCKWISE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -96,12 +106,12 @@ def _row_gemm(
         if DOT_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _mma(a, b, acc, PRECISION, BLOCKWISE)
         if EPILOGUE == _SWIGLU_FWD:
             b_up = tl.load(b_ptrs + half_n * stride_bn, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             if DOT_FP32:
                 b_up = b_up.to(tl.float32)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+            acc_up = _mma(a, b_up, acc_up, PRECISION, BLOCKWISE)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -156,6 +166,7 @@ def _expert_wgrad(
     GATHER_Y: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
+    BLOCKWISE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -191,7 +202,7 @@ def _expert_wgrad(
         if DOT_FP32:
             x = x.to(tl.float32)
             y = y.to(tl.float32)
-        acc = tl.dot(x, y, acc, input_precision=PRECISION)
+        acc = _mma(x, y, acc, PRECISION, BLOCKWISE)
     d_ptrs = DW + expert.to(tl.int64) * stride_de + ms[:, None].to(tl.int64) * stride_dm + ns[None, :] * stride_dn
     tl.store(d_ptrs, acc.to(DW.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -210,8 +221,10 @@ def _gather_sum_kernel(SRC, DST, INVERSE, top_k, hidden, stride_s, stride_d, BLO
 
 
 def _dot_flags(t: torch.Tensor) -> dict[str, object]:
-    """fp32 inputs get IEEE dots (not tf32). The interpreter's half-precision dot is unreliable, so it upcasts."""
-    return {"DOT_FP32": interpreting(), "PRECISION": "ieee" if t.dtype == torch.float32 else "tf32"}
+    """fp32 inputs get IEEE dots (not tf32), summed block by block. The interpreter's half-precision dot is
+    unreliable, so it upcasts."""
+    fp32 = t.dtype == torch.float32
+    return {"DOT_FP32": interpreting(), "PRECISION": "ieee" if fp32 else "tf32", "BLOCKWISE": fp32}
 
 
 def _fit(block: int, dim: int) -> int:
