@@ -1,6 +1,7 @@
 """End-to-end training step: transformers, torch.compile, Liger-Kernel and the engine, in one run.
 
     python -m benchmarks.bench_train [--models qwen3_0.6b qwen2.5_0.5b qwen3_moe_4l] [--variants ...] [--steps 10]
+    python -m benchmarks.bench_train --models qwen3_0.6b --batch 1 --seqs 2048 8192 32768 --tag sweep
 
 Random-init models of real shapes (no hub access), bf16 parameters, AdamW, B4 x T2048 by default. Every
 (model, variant) runs in its own process, because Liger patches transformers classes process-wide and so that
@@ -73,6 +74,16 @@ def prepare(model_name: str, variant: str) -> tuple[torch.nn.Module, dict[str, A
 
 
 def run_one(model_name: str, variant: str, batch: int, seq: int, steps: int, warmup: int) -> dict[str, Any]:
+    """One (model, variant, shape) in this process; running out of memory is a result, recorded as such."""
+    try:
+        return _timed_steps(model_name, variant, batch, seq, steps, warmup)
+    except torch.OutOfMemoryError:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        return {"model": model_name, "variant": variant, "batch": batch, "seq": seq, "error": "out of memory",
+                "peak_mem_gib": peak}  # fmt: skip
+
+
+def _timed_steps(model_name: str, variant: str, batch: int, seq: int, steps: int, warmup: int) -> dict[str, Any]:
     from tqdm import tqdm
 
     torch.manual_seed(0)
@@ -106,6 +117,8 @@ def run_one(model_name: str, variant: str, batch: int, seq: int, steps: int, war
     return {
         "model": model_name,
         "variant": variant,
+        "batch": batch,
+        "seq": seq,
         "ms_per_step_median": ms,
         "ms_per_step_all": times,
         "tokens_per_s": batch * seq / (ms / 1e3),
@@ -116,21 +129,22 @@ def run_one(model_name: str, variant: str, batch: int, seq: int, steps: int, war
     }
 
 
-def run_isolated(args: argparse.Namespace, model_name: str, variant: str) -> dict[str, Any]:
-    """One (model, variant) in a fresh process; an out-of-memory or crash is recorded, not fatal."""
+def run_isolated(args: argparse.Namespace, model_name: str, variant: str, seq: int) -> dict[str, Any]:
+    """One (model, variant, seq) in a fresh process; an out-of-memory or crash is recorded, not fatal."""
     command = [sys.executable, "-m", "benchmarks.bench_train", "--worker", model_name, variant]
-    command += ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+    command += ["--batch", str(args.batch), "--seqs", str(seq), "--steps", str(args.steps)]
     command += ["--warmup", str(args.warmup)]
+    shape = {"model": model_name, "variant": variant, "batch": args.batch, "seq": seq}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return {"model": model_name, "variant": variant, "error": f"timed out after {args.timeout} s"}
+        return {**shape, "error": f"timed out after {args.timeout} s"}
     sys.stderr.write(done.stderr[-2000:])
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         oom = "out of memory" in done.stderr.lower()
-        return {"model": model_name, "variant": variant, "error": "out of memory" if oom else tail[-300:]}
+        return {**shape, "error": "out of memory" if oom else tail[-300:]}
     return json.loads(lines[-1])
 
 
@@ -138,12 +152,13 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per model: each variant's ms/step and peak GiB, and the ratios the issues ask about."""
     summary: dict[str, dict[str, Any]] = {}
     for row in results:
-        entry = summary.setdefault(row["model"], {})
+        entry = summary.setdefault(f"{row['model']} B{row['batch']}xT{row['seq']}", {})
         if "error" in row:
             entry[row["variant"]] = {"error": row["error"]}
             continue
         entry[row["variant"]] = {
             "ms": row["ms_per_step_median"],
+            "tokens_per_s": row["tokens_per_s"],
             "peak_gib": row["peak_mem_gib"],
             "first_loss": row["losses"][0],
         }
@@ -183,7 +198,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["qwen3_0.6b", "qwen2.5_0.5b", "qwen3_moe_4l"])
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--seqs", type=int, nargs="+", default=[2048], help="sequence lengths (a sweep if several)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--timeout", type=int, default=420, help="seconds per (model, variant) process")
@@ -192,16 +207,16 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_one(*args.worker, args.batch, args.seq, args.steps, args.warmup)))
+        print(json.dumps(run_one(*args.worker, args.batch, args.seqs[0], args.steps, args.warmup)))
         return
-    results = [run_isolated(args, m, v) for m in args.models for v in args.variants]
+    results = [run_isolated(args, m, v, s) for m in args.models for s in args.seqs for v in args.variants]
     summary = summarise(results)
     print_table(summary)
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     payload = {
         "environment": environment(),
         "batch": args.batch,
-        "seq": args.seq,
+        "seqs": args.seqs,
         "variants": {v: VARIANTS[v] for v in args.variants},
         "summary": summary,
         "runs": results,

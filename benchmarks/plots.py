@@ -44,7 +44,7 @@ def plot_train(payload: dict[str, Any], path: Path) -> None:
             groups.setdefault(f"{name}\nms/step", {})[variant] = row["ms"]
             groups.setdefault(f"{name}\npeak GiB", {})[variant] = row["peak_gib"]
     gpu = payload["environment"].get("gpu", "GPU")
-    bar_plot(path, f"training step B{payload['batch']}xT{payload['seq']} on {gpu}; lower is better", groups, "ms / GiB")
+    bar_plot(path, f"training step (AdamW, bf16) on {gpu}; lower is better", groups, "ms / GiB")
 
 
 PLOTTERS = {"kernels": plot_kernels, "moe": plot_moe, "train": plot_train}

@@ -7,9 +7,9 @@ interpreter functions that ``wrap_triton`` cannot capture, so each operator is a
 fake implementation is the same body with its launches skipped (shapes only). Either way one Python body
 computes the result and one pair of ``setup_context``/``backward`` functions is its registered autograd.
 
-Eager calls can skip the dispatcher: ``EAGER_PATH = "function"`` (or ``ENGINE_TRITON_EAGER=function``) runs
-the body through a plain ``torch.autograd.Function`` built from the same functions; the default ``"op"``
-calls the operator. Traced calls always take the operator, and launches on fake or functional tensors never
+Eager calls skip the dispatcher: ``EAGER_PATH = "function"`` (the default) runs the body through a plain
+``torch.autograd.Function`` built from the same functions; ``"op"`` (``ENGINE_TRITON_EAGER=op``) calls the
+operator. Traced calls always take the operator, and launches on fake or functional tensors never
 reach the cached fast launch path (``launch.py``). Before torch 2.6 (no ``triton_op``) the GPU operators are
 ``custom_op``s too: still traced without graph breaks, but opaque to Inductor.
 """
@@ -30,7 +30,9 @@ NAMESPACE = "engine"
 # Decided once, before any operator is defined (torch < 2.6 has no triton_op: opaque custom ops there).
 USE_TRITON_OP = not interpreting() and hasattr(torch.library, "triton_op")
 EagerPath = Literal["op", "function"]
-EAGER_PATH: EagerPath = "function" if os.environ.get("ENGINE_TRITON_EAGER") == "function" else "op"
+# Eager calls skip the dispatcher by default (it only adds host time there); ENGINE_TRITON_EAGER=op routes them
+# through the operator too.
+EAGER_PATH: EagerPath = "op" if os.environ.get("ENGINE_TRITON_EAGER") == "op" else "function"
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
