@@ -118,7 +118,7 @@ def test_entry_point_prints_no_traceback(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
         timeout=120,
     )
     assert done.returncode == 1 and not done.stdout

@@ -22,7 +22,8 @@ def _free_port() -> int:
 
 def test_fsdp2_patch_before_and_after_sharding_match_unpatched(tmp_path):
     out = tmp_path / "fsdp2.json"
-    env = dict(os.environ, PYTHONPATH=str(SCRIPT.parents[2]), OMP_NUM_THREADS="1")
+    path = os.pathsep.join(filter(None, [str(SCRIPT.parents[2]), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
         "--master-port", str(_free_port()), str(SCRIPT), "--device", "cpu", "--steps", "4", "--out", str(out),

@@ -306,7 +306,7 @@ def test_triton_op_bodies_trace_into_kernel_launches():
     that Inductor compiles (fwd and bwd; dynamic shapes for two). Runs without the interpreter."""
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, "-c", _TRACE_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
