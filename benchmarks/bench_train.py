@@ -209,23 +209,26 @@ def main() -> None:
     if args.worker:
         print(json.dumps(run_one(*args.worker, args.batch, args.seqs[0], args.steps, args.warmup)))
         return
-    results = [run_isolated(args, m, v, s) for m in args.models for s in args.seqs for v in args.variants]
-    summary = summarise(results)
-    print_table(summary)
     gpu = torch.cuda.get_device_name().replace(" ", "_")
-    payload = {
-        "environment": environment(),
-        "batch": args.batch,
-        "seqs": args.seqs,
-        "variants": {v: VARIANTS[v] for v in args.variants},
-        "summary": summary,
-        "runs": results,
-    }
+    path = args.out / f"train_{gpu}{'_' + args.tag if args.tag else ''}.json"
+    results: list[dict[str, Any]] = []
+    for model_name in args.models:
+        for seq in args.seqs:
+            for variant in args.variants:
+                results.append(run_isolated(args, model_name, variant, seq))
+                payload = {
+                    "environment": environment(),
+                    "batch": args.batch,
+                    "seqs": args.seqs,
+                    "variants": {v: VARIANTS[v] for v in args.variants},
+                    "summary": summarise(results),
+                    "runs": results,
+                }
+                write_json(path, payload)  # after every run, so a cut-off session keeps what finished
+    print_table(payload["summary"])
     from benchmarks.plots import plot_train
 
-    name = f"train_{gpu}{'_' + args.tag if args.tag else ''}"
-    write_json(args.out / f"{name}.json", payload)
-    plot_train(payload, args.out / f"{name}.png")
+    plot_train(payload, path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
