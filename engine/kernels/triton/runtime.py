@@ -62,3 +62,8 @@ def shared_memory_limit(device: torch.device) -> int | None:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (``triton.cdiv`` is a constexpr function: microseconds a call there)."""
+    return -(-int(a) // int(b))

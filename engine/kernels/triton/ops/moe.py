@@ -21,7 +21,7 @@ from engine.kernels.triton.moe_tiles import MoETiles, choose_tiles, preferred_bl
 from engine.kernels.triton.ops.library import KernelOp, run_kernel, unused_pointer
 from engine.kernels.triton.ops.moe_routing import Routing, route
 from engine.kernels.triton.ops.swiglu import silu_mul, silu_mul_backward
-from engine.kernels.triton.runtime import interpreting, next_power_of_2, shared_memory_limit
+from engine.kernels.triton.runtime import cdiv, interpreting, next_power_of_2, shared_memory_limit
 
 # Epilogue selectors: host-side ints, and the same values as constexpr globals for use inside kernels.
 PLAIN, SCALE_ROWS, SWIGLU_FWD, SWIGLU_BWD = 0, 1, 2, 3
@@ -254,7 +254,7 @@ def _row_gemm_launch(
     block_n, block_k = _fit(cfg.block_n, n_out), _fit(cfg.block_k, kd)
     run_kernel(
         _row_gemm,
-        (routing.max_tiles * triton.cdiv(n_out, block_n),),
+        (routing.max_tiles * cdiv(n_out, block_n),),
         a,
         b_view,
         c,
@@ -304,7 +304,7 @@ def _wgrad_launch(
     block_m, block_n = _fit(cfg.block_m, m_dim), _fit(cfg.block_n, n_dim)
     run_kernel(
         _expert_wgrad,
-        (experts * triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n),),
+        (experts * cdiv(m_dim, block_m) * cdiv(n_dim, block_n),),
         x,
         y,
         dw,
@@ -340,7 +340,7 @@ def _gather_sum(src: torch.Tensor, inverse: torch.Tensor, tokens: int, top_k: in
     block_h = min(1024, next_power_of_2(hidden))
     run_kernel(
         _gather_sum_kernel,
-        (tokens, triton.cdiv(hidden, block_h)),
+        (tokens, cdiv(hidden, block_h)),
         src,
         out,
         inverse,

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.triton.ops.library import KernelOp, run_kernel
-from engine.kernels.triton.runtime import next_power_of_2
+from engine.kernels.triton.runtime import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -73,7 +73,7 @@ def _cos_sin(
     block_t = 16
     run_kernel(
         _mrope_cos_sin,
-        (triton.cdiv(n_rows, block_t),),
+        (cdiv(n_rows, block_t),),
         pos,
         inv_freq,
         axis_table,

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from engine.kernels.triton.ops.library import KernelOp, is_real, run_kernel, unused_pointer
 from engine.kernels.triton.rms_norm import MAX_COLUMNS
-from engine.kernels.triton.runtime import next_power_of_2, program_count
+from engine.kernels.triton.runtime import cdiv, next_power_of_2, program_count
 
 # Backward launch shape, by row width: rows per loop step, warps, and programs per SM of the persistent grid.
 # Tuned on an H100 by the GPU time of fwd+bwd (CUDA-graph replay): ``benchmarks/bench_kernels.py --sweep-rms-norm``.
@@ -261,7 +261,7 @@ def _forward(
     block_m, block_n, warps = _fwd_config(n_cols)
     run_kernel(
         _rms_norm_fwd,
-        (triton.cdiv(n_rows, block_m),),
+        (cdiv(n_rows, block_m),),
         x_rows,
         weight,
         y,
@@ -300,9 +300,9 @@ def _backward(
         return dx, dw.zero_()
     block_m, block_n, warps, per_sm, two_pass = _bwd_config(n_cols)
     if two_pass:
-        programs = triton.cdiv(n_rows, block_m)  # one row block each: the loop runs once
+        programs = cdiv(n_rows, block_m)  # one row block each: the loop runs once
     else:
-        programs = max(1, min(program_count(x.device, per_sm=per_sm), triton.cdiv(n_rows, block_m)))
+        programs = max(1, min(program_count(x.device, per_sm=per_sm), cdiv(n_rows, block_m)))
     fused_dw = want_dw and not two_pass
     tail = fused_dw and block_n <= TAIL_REDUCE_MAX_COLUMNS
     if tail:
@@ -340,10 +340,10 @@ def _backward(
     if not want_dw or tail:
         return dx, dw
     if two_pass:
-        col_blocks = triton.cdiv(n_cols, DW_BLOCK_C)
+        col_blocks = cdiv(n_cols, DW_BLOCK_C)
         chunks = max(1, min(program_count(x.device, per_sm=per_sm) // col_blocks, n_rows // DW_BLOCK_R))
-        rows_per_chunk = triton.cdiv(triton.cdiv(n_rows, chunks), DW_BLOCK_R) * DW_BLOCK_R
-        chunks = triton.cdiv(n_rows, rows_per_chunk)
+        rows_per_chunk = cdiv(cdiv(n_rows, chunks), DW_BLOCK_R) * DW_BLOCK_R
+        chunks = cdiv(n_rows, rows_per_chunk)
         partial = torch.empty(chunks, n_cols, dtype=torch.float32, device=x.device)
         run_kernel(
             _rms_norm_bwd_dw,
@@ -365,7 +365,7 @@ def _backward(
     block_c = min(256, block_n)
     run_kernel(
         _sum_partials,
-        (triton.cdiv(n_cols, block_c),),
+        (cdiv(n_cols, block_c),),
         partial,
         dw,
         partial.shape[0],
@@ -378,6 +378,7 @@ def _backward(
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     x, weight, _, offset, gemma = inputs
+    ctx.mark_non_differentiable(output[1])  # rstd: no zero gradient to materialise in backward
     ctx.save_for_backward(x, weight, output[1])
     ctx.offset, ctx.gemma = offset, gemma
 

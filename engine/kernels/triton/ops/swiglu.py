@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.triton.ops.library import KernelOp, run_kernel
+from engine.kernels.triton.runtime import cdiv
 
 BLOCK = 2048
 
@@ -54,7 +55,7 @@ def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate, memory_format=torch.contiguous_format)
     n = gate.numel()
     if n:
-        run_kernel(_swiglu_fwd, (triton.cdiv(n, BLOCK),), gate, up, out, n, BLOCK=BLOCK, num_warps=8)
+        run_kernel(_swiglu_fwd, (cdiv(n, BLOCK),), gate, up, out, n, BLOCK=BLOCK, num_warps=8)
     return out
 
 
@@ -64,7 +65,7 @@ def _backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple
     dup = torch.empty_like(up, memory_format=torch.contiguous_format)
     n = gate.numel()
     if n:
-        run_kernel(_swiglu_bwd, (triton.cdiv(n, BLOCK),), gate, up, dout, dgate, dup, n, BLOCK=BLOCK, num_warps=8)
+        run_kernel(_swiglu_bwd, (cdiv(n, BLOCK),), gate, up, dout, dgate, dup, n, BLOCK=BLOCK, num_warps=8)
     return dgate, dup
 
 
