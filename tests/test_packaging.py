@@ -80,7 +80,10 @@ def test_built_wheel_finds_every_spec_and_the_schema_outside_the_checkout(tmp_pa
         "print(json.dumps([engine.__file__, str(s.BUILTIN_SPEC_DIR), sorted(engine.load_catalog()), "
         "json.loads(s.SCHEMA_PATH.read_text())]))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "ENGINE_KERNEL_SPECS"} | {"PYTHONPATH": str(site)}
+    # the wheel first, then whatever else the caller's PYTHONPATH holds (dependencies) except the checkout itself
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
+    env = {k: v for k, v in os.environ.items() if k != "ENGINE_KERNEL_SPECS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *kept])
     done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     module_file, spec_dir, names_found, schema = json.loads(done.stdout.splitlines()[-1])
