@@ -47,7 +47,13 @@ def plot_train(payload: dict[str, Any], path: Path) -> None:
     bar_plot(path, f"training step (AdamW, bf16) on {gpu}; lower is better", groups, "ms / GiB")
 
 
-PLOTTERS = {"kernels": plot_kernels, "moe": plot_moe, "train": plot_train}
+def plot_lce(payload: dict[str, Any], path: Path) -> None:
+    from benchmarks.bench_lce import plot_op
+
+    plot_op(payload, path)
+
+
+PLOTTERS = {"kernels": plot_kernels, "moe": plot_moe, "train": plot_train, "lce": plot_lce}
 
 
 def main(paths: list[str]) -> None:
