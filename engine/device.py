@@ -10,7 +10,16 @@ import sys
 import torch
 
 
-class DeviceType(str, enum.Enum):
+class ValueEnum(str, enum.Enum):
+    """A string enum that prints as its value (``f"{DeviceType.NPU}"`` is ``npu``, as the seed's docs show)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+class DeviceType(ValueEnum):
     """Device kinds a kernel can target (values are ``torch.device.type`` strings)."""
 
     NPU = "npu"
@@ -18,11 +27,6 @@ class DeviceType(str, enum.Enum):
     XPU = "xpu"
     MPS = "mps"
     CPU = "cpu"
-
-    def __str__(self) -> str:
-        return self.value
-
-    __format__ = str.__format__
 
 
 DEVICE_ENV = "ENGINE_DEVICE"

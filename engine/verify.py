@@ -9,6 +9,7 @@ import torch
 
 from engine.api import apply
 from engine.device import detect_device, validate_device
+from engine.testing.parity import loss_and_grads, rel_error, snapshot
 from engine.testing.tiny_models import build, sample_batch
 
 FP32_TOLERANCE = 1e-4  # loss, all gradients together, and each parameter's gradient on its own
@@ -87,7 +88,7 @@ def check_grads(
         elif not has_before:
             check.unexercised.append(name)
         else:
-            check.errors[name] = _rel(patched[name], reference[name])
+            check.errors[name] = rel_error(patched[name], reference[name])
             check.tolerances[name] = tolerance[name] if isinstance(tolerance, dict) else tolerance
     return check
 
@@ -129,10 +130,6 @@ class VerifyResult:
         )
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
 def _global_rel(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
     """Relative error of all gradients taken together (one norm over every parameter; a missing one counts
     as zero)."""
@@ -140,13 +137,6 @@ def _global_rel(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) ->
     num += sum(float(r.double().norm() ** 2) for n, r in ref.items() if n not in grads)
     den = sum(float(r.double().norm() ** 2) for r in ref.values())
     return (num / max(den, 1e-300)) ** 0.5
-
-
-def _run(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _placement(device: str) -> str:
@@ -163,25 +153,25 @@ def verify_family(
     placement = _placement(device)
     model = build(name, dtype=dtype).to(placement)
     batch = {k: v.to(placement) for k, v in sample_batch(model).items()}
-    weights = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    orig_loss, orig_grads = _run(model, batch)
+    weights = snapshot(model)
+    orig_loss, orig_grads = loss_and_grads(model, batch)
     handle = apply(model, spec or name, device, verbose=False)
-    loss, grads = _run(model, batch)
+    loss, grads = loss_and_grads(model, batch)
     handle.revert()
-    after, _ = _run(model, batch)
+    after, _ = loss_and_grads(model, batch)
     loss_tol = grad_tol = FP32_TOLERANCE
     per_param = FP32_TOLERANCE
     ref_loss, ref_grads = orig_loss, orig_grads
     if dtype != torch.float32:
-        ref_loss, ref_grads = _run(build(name, dtype=torch.float32).to(placement), batch)
-        loss_tol = HALF_FACTOR * _rel(orig_loss, ref_loss) + HALF_FLOOR
+        ref_loss, ref_grads = loss_and_grads(build(name, dtype=torch.float32).to(placement), batch)
+        loss_tol = HALF_FACTOR * rel_error(orig_loss, ref_loss) + HALF_FLOOR
         grad_tol = HALF_FACTOR * _global_rel(orig_grads, ref_grads) + HALF_FLOOR
         per_param = math.inf  # presence only (see HALF_FACTOR)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     return VerifyResult(
         model=name,
         device=device,
-        loss_error=_rel(loss, ref_loss),
+        loss_error=rel_error(loss, ref_loss),
         grad_error=_global_rel(grads, ref_grads),
         grads=check_grads(trainable, orig_grads, grads, ref_grads, per_param),
         weights_unchanged=all(torch.equal(t, model.state_dict()[n]) for n, t in weights.items()),

@@ -1,22 +1,13 @@
-"""Forward+backward parity between an original and a patched model."""
+"""Assertions on forward+backward parity (the measurements themselves live in ``engine.testing.parity``)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from engine.testing.parity import loss_and_grads, rel_error, snapshot
 
-def loss_and_grads(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    # the loss alone: with linear_cross_entropy patched, a training call with labels returns no logits
-    loss = model(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+__all__ = ["assert_close_grads", "assert_same_tensors", "loss_and_grads", "patched_forward_names", "snapshot"]
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -27,9 +18,8 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 def assert_close_grads(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor], rtol: float) -> None:
     assert ref.keys() == got.keys(), set(ref) ^ set(got)
-    for name, r in ref.items():
-        g = got[name]
-        err = (g.double() - r.double()).norm() / r.double().norm().clamp_min(1e-30)
+    for name, want in ref.items():
+        err = rel_error(got[name], want)
         assert err <= rtol, f"grad of {name}: relative error {err:.3e} > {rtol}"
 
 

@@ -92,7 +92,7 @@ def qwen3_vl_moe() -> nn.Module:
         num_experts_per_tok=2,
         moe_intermediate_size=32,
         decoder_sparse_step=1,
-        mlp_only_layers=[],
+        mlp_only_layers=[1],
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 10000.0,

@@ -9,7 +9,6 @@ input and returns a reason when they disagree, so a spec that declares the wrong
 
 from __future__ import annotations
 
-import enum
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +18,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from engine.device import ValueEnum
 
-class KernelType(str, enum.Enum):
+
+class KernelType(ValueEnum):
     """The seed's kernel types; each spec kernel kind maps onto one (see the README's table)."""
 
     RMSNORM = "rmsnorm"
@@ -28,11 +29,6 @@ class KernelType(str, enum.Enum):
     ROPE = "rope"
     MOE = "moe"
     LINEAR_CROSS_ENTROPY = "linear_cross_entropy"
-
-    def __str__(self) -> str:
-        return self.value
-
-    __format__ = str.__format__
 
 
 class NoOptions(BaseModel):

@@ -29,6 +29,18 @@ def reference(
     return out
 
 
+def routing_fits(hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> bool:
+    """A call every device's kernel can take: 2-D tokens, integer [T, K] indices, floating [T, K] weights."""
+    return (
+        hidden_states.dim() == 2
+        and top_k_index.dim() == 2
+        and top_k_index.shape == top_k_weights.shape
+        and top_k_index.shape[0] == hidden_states.shape[0]
+        and not top_k_index.is_floating_point()
+        and top_k_weights.is_floating_point()
+    )
+
+
 def check(module: Any, options: NoOptions) -> str | None:
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor):

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from engine.kernels.kinds import KernelType
+from engine.kernels.kinds.fused_moe import routing_fits
 from engine.kernels.npu.base import NpuKernel, each_float, torch_npu
 from engine.kernels.npu.grouped_matmul import expert_counts, grouped_linear
 from engine.kernels.npu.token_routing import permute, unpermute
@@ -50,14 +51,7 @@ class NpuFusedMoEKernel(NpuKernel):
 
     @classmethod
     def supports(cls, options: BaseModel, hidden_states, top_k_index, top_k_weights) -> bool:  # noqa: ANN001
-        return (
-            hidden_states.dim() == 2
-            and top_k_index.dim() == 2
-            and top_k_index.shape == top_k_weights.shape
-            and top_k_index.shape[0] == hidden_states.shape[0]
-            and not top_k_index.is_floating_point()
-            and top_k_weights.is_floating_point()
-        )
+        return routing_fits(hidden_states, top_k_index, top_k_weights)
 
     @classmethod
     def run(

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from engine.kernels.kinds import KernelType
+from engine.kernels.kinds.fused_moe import routing_fits
 from engine.kernels.triton import moe_tiles, runtime
 from engine.kernels.triton.base import TritonKernel
 
@@ -36,12 +37,7 @@ class TritonFusedMoEKernel(TritonKernel):
 
     @classmethod
     def supports(cls, options: BaseModel, hidden_states, top_k_index, top_k_weights) -> bool:  # noqa: ANN001
-        return (
-            hidden_states.dim() == 2
-            and top_k_index.dim() == 2
-            and top_k_index.shape[0] == hidden_states.shape[0]
-            and top_k_weights.shape == top_k_index.shape
-        )
+        return routing_fits(hidden_states, top_k_index, top_k_weights)
 
     @classmethod
     def run(

@@ -130,47 +130,6 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool
         acc.add_(torch.mm(a, b))
 
 
-def chunked_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    denom: torch.Tensor,
-    ignore_index: int,
-    softcap: float | None,
-    chunk_bytes: int,
-    impl: str,
-    grad_hidden: bool,
-    grad_weight: bool,
-    fp32_accumulate: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, d loss / d hidden, d loss / d weight); a gradient not asked for is an empty tensor."""
-    chunk_loss = CHUNK_LOSSES[impl]
-    hidden = hidden.contiguous()
-    n, vocab = hidden.shape[0], weight.shape[0]
-    rows = chunk_rows(n, vocab, hidden.element_size() + chunk_loss.temp_bytes_per_logit, chunk_bytes)
-    row_loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
-    acc_dtype = torch.float32 if fp32_accumulate and grad_weight else weight.dtype
-    d_weight = torch.empty(weight.shape, dtype=acc_dtype, device=weight.device) if grad_weight else weight.new_empty(0)
-    if grad_weight and n == 0:
-        d_weight.zero_()
-    buffer = hidden.new_empty(min(rows, n), vocab)
-    for start in range(0, n, rows):
-        end = min(start + rows, n)
-        h = hidden[start:end]
-        logits = buffer[: end - start]
-        torch.mm(h, weight.t(), out=logits)
-        with_grad = grad_hidden or grad_weight
-        chunk_loss.fn(logits, targets[start:end], denom, row_loss[start:end], ignore_index, softcap, with_grad)
-        if grad_hidden:
-            torch.mm(logits, weight, out=d_hidden[start:end])
-        if grad_weight:
-            _accumulate(d_weight, logits.t(), h, first=start == 0)
-    del buffer
-    loss = row_loss.sum() / denom
-    return loss, d_hidden, d_weight.to(weight.dtype)
-
-
 @torch.library.custom_op("engine::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_op(
     hidden: torch.Tensor,
@@ -185,14 +144,38 @@ def linear_cross_entropy_op(
     grad_weight: bool,
     fp32_accumulate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d loss / d hidden, d loss / d weight); a gradient not asked for is an empty tensor."""
     device_type = hidden.device.type
     # the caller already cast to the autocast dtype; the GEMMs and the accumulation must run as written
     autocast = torch.is_autocast_enabled(device_type)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        return chunked_linear_cross_entropy(
-            hidden, weight, targets, denom, ignore_index, softcap, chunk_bytes, impl, grad_hidden, grad_weight,
-            fp32_accumulate,
-        )  # fmt: skip
+        chunk_loss = CHUNK_LOSSES[impl]
+        hidden = hidden.contiguous()
+        n, vocab = hidden.shape[0], weight.shape[0]
+        rows = chunk_rows(n, vocab, hidden.element_size() + chunk_loss.temp_bytes_per_logit, chunk_bytes)
+        row_loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        d_hidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
+        acc_dtype = torch.float32 if fp32_accumulate and grad_weight else weight.dtype
+        d_weight = (
+            torch.empty(weight.shape, dtype=acc_dtype, device=weight.device) if grad_weight else weight.new_empty(0)
+        )
+        if grad_weight and n == 0:
+            d_weight.zero_()
+        buffer = hidden.new_empty(min(rows, n), vocab)
+        for start in range(0, n, rows):
+            end = min(start + rows, n)
+            h = hidden[start:end]
+            logits = buffer[: end - start]
+            torch.mm(h, weight.t(), out=logits)
+            with_grad = grad_hidden or grad_weight
+            chunk_loss.fn(logits, targets[start:end], denom, row_loss[start:end], ignore_index, softcap, with_grad)
+            if grad_hidden:
+                torch.mm(logits, weight, out=d_hidden[start:end])
+            if grad_weight:
+                _accumulate(d_weight, logits.t(), h, first=start == 0)
+        del buffer
+        loss = row_loss.sum() / denom
+        return loss, d_hidden, d_weight.to(weight.dtype)
 
 
 @linear_cross_entropy_op.register_fake
