@@ -65,7 +65,7 @@ class MetaKernel(metaclass=KernelMeta):
     @classmethod
     def apply(cls, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         """``apply_kernel(model, cls)``."""
-        from engine.api import apply_kernel
+        from engine.api import apply_kernel  # at call time: api builds on this class, not the other way round
 
         return apply_kernel(model, cls, **kwargs)
 

@@ -23,6 +23,7 @@ from engine.kernels.triton.runtime import cdiv, next_power_of_2, program_count
 # Backward launch shape, by row width: rows per loop step, warps, and programs per SM of the persistent grid.
 # Tuned on an H100 by the GPU time of fwd+bwd (CUDA-graph replay): ``benchmarks/bench_kernels.py --sweep-rms-norm``.
 # ``two_pass``: dx in one launch of one row block per program, then dw by a column reduction re-reading x and dy.
+# The H100 tuning below does not pick it; it stays as the sweep's alternative for other GPUs and widths (tested).
 BWD_TUNING: dict[str, dict[str, int]] = {
     "narrow": {"block_m": 64, "num_warps": 4, "programs_per_sm": 2, "two_pass": 0},  # rows of <= 512 columns
     "wide": {"block_m": 2, "num_warps": 8, "programs_per_sm": 2, "two_pass": 0},
