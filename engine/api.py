@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,6 @@ from typing import Any
 from torch import nn
 
 from engine import log, patching
-from engine.binding import binder_for
 from engine.catalog import SPEC_PATH_ENV, find_spec, specs_for_model_type
 from engine.device import DEVICE_ENV, DeviceType, detect_device, validate_device
 from engine.errors import DeviceMismatchError, KernelUnavailableError, NoSpecError
@@ -19,7 +17,7 @@ from engine.kernels.base import MetaKernel, is_kernel_class
 from engine.kernels.registry import REGISTRY
 from engine.patching import PatchHandle, attach, attached
 from engine.planner import Plan, PlannedPatch, Planner, model_type_of
-from engine.report import PatchedItem, PatchReport
+from engine.report import PatchedItem, PatchReport, SkippedItem
 from engine.spec import KernelSpec
 
 SpecLike = str | Path | KernelSpec
@@ -61,9 +59,7 @@ def plan(
     return result
 
 
-def _no_spec_item(model: nn.Module) -> Any:
-    from engine.report import SkippedItem
-
+def _no_spec_item(model: nn.Module) -> SkippedItem:
     return SkippedItem("-", "-", type(model).__name__, no_spec_message(model))
 
 
@@ -75,7 +71,7 @@ def _patched_item(planned: PlannedPatch) -> PatchedItem:
         target, scope = planned.entry.target.label, "per-instance forward"
         names = [name or "<root>" for name, _ in planned.modules]
     notes = [planned.note] if planned.note else []
-    if planned.kernel.under_compile == "original" and os.environ.get(patching.UNDER_COMPILE_ENV) != "kernel":
+    if patching.defers_to_compiler(planned.kernel):
         notes.append("torch.compile sees the original code")
     note = "; ".join(notes) or None
     return PatchedItem(planned.spec, planned.entry.name, planned.kernel.__name__, target, scope, names, note)
@@ -103,9 +99,7 @@ def install(model: nn.Module, result: Plan, verbose: bool = True) -> PatchHandle
                 handle.modules.append(
                     patching.install_module_patch(module, planned.kernel, planned.options, planned.binder, item)
                 )
-            for module, kernel in planned.companions:
-                binder = binder_for(type(module).forward, 1, drop_self=True)
-                assert not isinstance(binder, str), binder
+            for module, kernel, binder in planned.companions:
                 handle.modules.append(patching.install_module_patch(module, kernel, planned.options, binder, item))
             handle.report.patched.append(item)
     except BaseException:
@@ -185,8 +179,6 @@ def apply_kernel(
         raise NoSpecError(no_spec_message(model))
     result = Planner(model, device, include_manual=True).plan(specs, only_kernel=kernel)
     if not result.patches and not result.skipped:
-        from engine.report import SkippedItem
-
         names = ",".join(s.name for s in specs)
         result.skipped.append(SkippedItem(names, "-", kernel.kind, f"the model's specs have no {kernel.kind!r} entry"))
     install(model, result, verbose)
@@ -226,4 +218,4 @@ def revert(model: nn.Module) -> None:
     for module, found in list(attached(model)):
         for handle in reversed(found):
             handle.revert()
-        del module.__dict__["_engine_handles"]
+        del module.__dict__[patching.HANDLES_ATTR]

@@ -36,6 +36,11 @@ UNDER_COMPILE_ENV = "ENGINE_UNDER_COMPILE"  # "kernel": every kernel under torch
 _LOCK = threading.RLock()
 
 
+def defers_to_compiler(kernel: Any) -> bool:
+    """Whether, inside torch.compile, this kernel's patches run the original code (``MetaKernel.under_compile``)."""
+    return kernel.under_compile == "original" and os.environ.get(UNDER_COMPILE_ENV) != "kernel"
+
+
 def _first_tensor(values: tuple[Any, ...]) -> Any:
     for value in values:
         if hasattr(value, "device") and hasattr(value, "dtype"):
@@ -67,7 +72,7 @@ class PatchedCall:
         self.target = target
         self.item = item
         self.devices = kernel.tensor_devices()
-        self.defer_to_compiler = kernel.under_compile == "original" and os.environ.get(UNDER_COMPILE_ENV) != "kernel"
+        self.defer_to_compiler = defers_to_compiler(kernel)
         if not isinstance(target, nn.Module):
             functools.update_wrapper(self, original)
 

@@ -38,7 +38,7 @@ class PlannedPatch:
     modules: list[tuple[str, nn.Module]] = field(default_factory=list)
     function: tuple[types.ModuleType, str, Callable[..., Any]] | None = None
     note: str | None = None
-    companions: list[tuple[nn.Module, Any]] = field(default_factory=list)  # (module, its kernel class)
+    companions: list[tuple[nn.Module, Any, Binder]] = field(default_factory=list)  # (module, kernel class, binder)
 
 
 @dataclass
@@ -239,10 +239,13 @@ class Planner:
             binder = binder_for(type(sample).forward, len(kind.params), drop_self=True)
             if isinstance(binder, str):
                 return self._skip(spec, entry, binder, notes)
-        companions = [pair for _, module in fresh for pair in kernel.companions(module, options)]
-        taken = [type(m).__name__ for m, _ in companions if patched_call_of(m) is not None]
-        if taken:
-            return self._skip(spec, entry, f"{', '.join(taken)} (patched with it) is already patched", notes)
+        companions = []
+        for module, companion in (pair for _, m in fresh for pair in kernel.companions(m, options)):
+            companion_binder = binder_for(type(module).forward, 1, drop_self=True)
+            if patched_call_of(module) is not None or isinstance(companion_binder, str):
+                why = "is already patched" if isinstance(companion_binder, Binder) else companion_binder
+                return self._skip(spec, entry, f"{type(module).__name__} (patched with it): {why}", notes)
+            companions.append((module, companion, companion_binder))
         note = simulation_note(sample)
         planned = PlannedPatch(spec.name, entry, kernel, options, binder, modules=fresh, note=note)
         planned.companions = companions
