@@ -21,7 +21,6 @@ class Binder:
     names: tuple[str, ...]  # the original's positional-or-keyword parameters, without self
     defaults: tuple[Any, ...]  # per name; ``_REQUIRED`` where there is none
     wanted: int  # the kernel receives the first ``wanted`` parameters
-    var_keyword: bool  # the original takes **kwargs
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
         """The kernel's arguments for this call, or ``None`` when only the original can serve it."""
@@ -67,5 +66,4 @@ def binder_for(fn: Callable[..., Any], wanted: int, drop_self: bool) -> Binder |
         names=tuple(p.name for p in plain),
         defaults=tuple(p.default for p in plain),
         wanted=wanted,
-        var_keyword=any(p.kind is p.VAR_KEYWORD for p in params),
     )

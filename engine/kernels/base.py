@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from engine.device import DeviceType, validate_device
 from engine.errors import UnknownKernelError
-from engine.kernels.kinds import DEFAULT_KIND, KINDS, KernelKind, KernelType, get_kind
+from engine.kernels.kinds import DEFAULT_KIND, KINDS, KernelType
 from engine.kernels.registry import REGISTRY
 
 
@@ -68,10 +68,6 @@ class MetaKernel(metaclass=KernelMeta):
         from engine.api import apply_kernel  # at call time: api builds on this class, not the other way round
 
         return apply_kernel(model, cls, **kwargs)
-
-    @classmethod
-    def kernel_kind(cls) -> KernelKind:
-        return get_kind(cls.kind)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
