@@ -24,17 +24,10 @@ from engine import (
 )
 from engine.kernels.kinds import rms_norm as rms_norm_kind
 from engine.patching import patched_call_of, patched_kernel_of
+from engine.testing import tiny_models
 from engine.testing.torch_npu_standin import torch_npu_standin
 
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+TINY = tiny_models.DENSE
 
 
 def tiny_qwen2() -> torch.nn.Module:

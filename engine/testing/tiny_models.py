@@ -19,7 +19,7 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
 )
 
-_DENSE = dict(
+DENSE = dict(  # the shared shape of every tiny decoder
     vocab_size=128,
     hidden_size=64,
     intermediate_size=96,
@@ -36,25 +36,25 @@ def _causal(config) -> nn.Module:
 
 
 def llama() -> nn.Module:
-    return _causal(LlamaConfig(**_DENSE))
+    return _causal(LlamaConfig(**DENSE))
 
 
 def mistral() -> nn.Module:
-    return _causal(MistralConfig(**_DENSE, sliding_window=None))
+    return _causal(MistralConfig(**DENSE, sliding_window=None))
 
 
 def qwen2() -> nn.Module:
-    return _causal(Qwen2Config(**_DENSE))
+    return _causal(Qwen2Config(**DENSE))
 
 
 def qwen3() -> nn.Module:
-    return _causal(Qwen3Config(**_DENSE, head_dim=16))
+    return _causal(Qwen3Config(**DENSE, head_dim=16))
 
 
 def qwen3_moe() -> nn.Module:
     return _causal(
         Qwen3MoeConfig(
-            **_DENSE,
+            **DENSE,
             head_dim=16,
             num_experts=8,
             num_experts_per_tok=2,
@@ -67,7 +67,7 @@ def qwen3_moe() -> nn.Module:
 
 
 def qwen2_vl() -> nn.Module:
-    text = dict(_DENSE, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    text = dict(DENSE, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     vision = dict(
         depth=1,
         embed_dim=32,
@@ -86,7 +86,7 @@ def qwen2_vl() -> nn.Module:
 
 def qwen3_vl_moe() -> nn.Module:
     text = dict(
-        _DENSE,
+        DENSE,
         head_dim=16,
         num_experts=8,
         num_experts_per_tok=2,
