@@ -1,6 +1,6 @@
 """RMSNorm, SwiGLU, RoPE and multimodal-RoPE cos/sin: HF eager vs torch.compile vs F.rms_norm vs Liger vs engine.
 
-    python benchmarks/bench_kernels.py [--out benchmarks/results] [--dtype bfloat16]
+    python -m benchmarks.bench_kernels [--out benchmarks/results] [--dtype bfloat16]
 
 Times forward and forward+backward (median of CUDA events, L2 flushed), the host time one fwd+bwd call
 takes to enqueue, and the same work replayed from a CUDA graph (launch overhead removed); checks each
@@ -14,22 +14,20 @@ Writes kernels_<gpu>.json and kernels_<gpu>.png.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS_DIR, environment, fwd_bwd, median_ms, write_json  # noqa: E402
-from benchmarks.plots import plot_kernels  # noqa: E402
-from engine.kernels.kinds.mrope import axis_table as mrope_axis_table  # noqa: E402
-from engine.kernels.triton.ops import library  # noqa: E402
-from engine.kernels.triton.ops.mrope import mrope_cos_sin  # noqa: E402
-from engine.kernels.triton.ops.rms_norm import rms_norm  # noqa: E402
-from engine.kernels.triton.ops.rope import rope  # noqa: E402
-from engine.kernels.triton.ops.swiglu import swiglu  # noqa: E402
+from benchmarks.common import RESULTS_DIR, environment, fwd_bwd, median_ms, write_json
+from benchmarks.plots import plot_kernels
+from engine.kernels.kinds.mrope import axis_table as mrope_axis_table
+from engine.kernels.triton.ops import library
+from engine.kernels.triton.ops.mrope import mrope_cos_sin
+from engine.kernels.triton.ops.rms_norm import rms_norm
+from engine.kernels.triton.ops.rope import rope
+from engine.kernels.triton.ops.swiglu import swiglu
 
 TARGETS_MS = {  # issue #3, H100, bf16, forward+backward
     "rms_norm 16384x4096": 0.35,

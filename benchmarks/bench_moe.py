@@ -1,6 +1,6 @@
 """Fused MoE experts at the Qwen3-30B-A3B layer shape: transformers eager / grouped_mm vs Liger vs engine.
 
-    python benchmarks/bench_moe.py [--tokens 4096 16384] [--sweep]
+    python -m benchmarks.bench_moe [--tokens 4096 16384] [--sweep]
 
 hidden 2048, moe_intermediate 768, 128 experts, top-8, bf16, router-like skewed routing. Checks output and all
 gradients against an fp32 run of transformers first, then times forward and forward+backward.
@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS_DIR, environment, fwd_bwd, median_ms, write_json  # noqa: E402
-from benchmarks.plots import plot_moe  # noqa: E402
-from engine.kernels.triton import moe_tiles  # noqa: E402
-from engine.kernels.triton.ops import library  # noqa: E402
-from engine.kernels.triton.ops import moe as engine_moe  # noqa: E402
+from benchmarks.common import RESULTS_DIR, environment, fwd_bwd, median_ms, write_json
+from benchmarks.plots import plot_moe
+from engine.kernels.triton import moe_tiles
+from engine.kernels.triton.ops import library
+from engine.kernels.triton.ops import moe as engine_moe
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 768, 128, 8
 TARGETS_MS = {4096: 4.0, 16384: 11.0}  # issue #4, H100 bf16 fwd+bwd

@@ -6,8 +6,10 @@
 Random-init models of real shapes (no hub access), bf16 parameters, AdamW, B4 x T2048 by default. Every
 (model, variant) runs in its own process, because Liger patches transformers classes process-wide and so that
 one run's memory does not leak into the next. Reports the median ms/step of the timed steps, tokens/s, peak
-memory of the steady state (after warm-up) and the first-step loss, whose agreement across variants is the
-numerics check. Writes train_<gpu>.json and train_<gpu>.png.
+memory of the steady state (after warm-up), both of the whole step and of forward + backward alone (AdamW's
+step adds parameter-sized temporaries that no kernel can remove), and the first-step loss, whose agreement
+across variants is the numerics check. ``--lce-options`` overrides the linear cross-entropy entry's options.
+Writes train_<gpu>.json and train_<gpu>.png.
 """
 
 from __future__ import annotations
@@ -38,14 +40,20 @@ VARIANTS = {
 DEFAULT_VARIANTS = ["transformers", "engine", "transformers+compile", "engine+compile", "liger", "liger+flce"]
 
 
-def _engine_spec(model_name: str, with_lce: bool):
-    """The model's built-in spec, without its linear cross-entropy entry unless asked for."""
+def _engine_spec(model_name: str, with_lce: bool, lce_options: dict[str, Any] | None = None):
+    """The model's built-in spec, without its linear cross-entropy entry unless asked for (then with
+    ``lce_options`` over the entry's own options)."""
     from engine.catalog import find_spec
 
     spec = find_spec(spec_of(model_name))
-    if with_lce:
-        return spec
-    entries = [e for e in spec.entries if e.kernel != "linear_cross_entropy"]
+    entries = []
+    for entry in spec.entries:
+        if entry.kernel == "linear_cross_entropy":
+            if not with_lce:
+                continue
+            if lce_options:
+                entry = entry.model_copy(update={"options": {**entry.options, **lce_options}})
+        entries.append(entry)
     return spec.model_copy(update={"entries": entries})
 
 
@@ -58,13 +66,16 @@ def _apply_liger(model: torch.nn.Module, model_name: str, flce: bool) -> None:
     )
 
 
-def prepare(model_name: str, variant: str) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+def prepare(
+    model_name: str, variant: str, lce_options: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, dict[str, Any] | None]:
     model = build_model(model_name)
     report = None
     if variant.startswith("engine"):
         import engine
 
-        handle = engine.apply(model, spec=_engine_spec(model_name, "+lce" in variant), device="cuda")
+        spec = _engine_spec(model_name, "+lce" in variant, lce_options)
+        handle = engine.apply(model, spec=spec, device="cuda")
         report = handle.report.to_dict()
     elif variant.startswith("liger"):
         _apply_liger(model, model_name, flce=variant == "liger+flce")
@@ -73,40 +84,47 @@ def prepare(model_name: str, variant: str) -> tuple[torch.nn.Module, dict[str, A
     return model, report
 
 
-def run_one(model_name: str, variant: str, batch: int, seq: int, steps: int, warmup: int) -> dict[str, Any]:
+def run_one(
+    model_name: str, variant: str, batch: int, seq: int, steps: int, warmup: int, lce_options: dict[str, Any]
+) -> dict[str, Any]:
     """One (model, variant, shape) in this process; running out of memory is a result, recorded as such."""
     try:
-        return _timed_steps(model_name, variant, batch, seq, steps, warmup)
+        return _timed_steps(model_name, variant, batch, seq, steps, warmup, lce_options)
     except torch.OutOfMemoryError:
         peak = torch.cuda.max_memory_allocated() / 2**30
         return {"model": model_name, "variant": variant, "batch": batch, "seq": seq, "error": "out of memory",
                 "peak_mem_gib": peak}  # fmt: skip
 
 
-def _timed_steps(model_name: str, variant: str, batch: int, seq: int, steps: int, warmup: int) -> dict[str, Any]:
+def _timed_steps(
+    model_name: str, variant: str, batch: int, seq: int, steps: int, warmup: int, lce_options: dict[str, Any]
+) -> dict[str, Any]:
     from tqdm import tqdm
 
     torch.manual_seed(0)
-    model, report = prepare(model_name, variant)
+    model, report = prepare(model_name, variant, lce_options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     vocab = vocab_of(model_name)
     gen = torch.Generator(device="cuda").manual_seed(0)
     data = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=gen) for _ in range(4)]
     times, losses = [], []
     compile_s = 0.0
+    peak_fwd_bwd = peak_step = 0
     for step in tqdm(range(warmup + steps), desc=f"{model_name} {variant}", unit="step", file=sys.stderr):
-        if step == warmup:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         ids = data[step % len(data)]
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()  # each step's peaks on their own, outside the clock
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        if step >= warmup:  # the peak before the optimizer adds its own (AdamW's temporaries): the model's part
+            peak_fwd_bwd = max(peak_fwd_bwd, torch.cuda.max_memory_allocated())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
+        if step >= warmup:
+            peak_step = max(peak_step, torch.cuda.max_memory_allocated())
         if step == 0:
             compile_s = elapsed
         if step >= warmup:
@@ -122,7 +140,8 @@ def _timed_steps(model_name: str, variant: str, batch: int, seq: int, steps: int
         "ms_per_step_median": ms,
         "ms_per_step_all": times,
         "tokens_per_s": batch * seq / (ms / 1e3),
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_mem_gib": peak_step / 2**30,
+        "peak_fwd_bwd_gib": peak_fwd_bwd / 2**30,
         "first_step_s": compile_s,
         "losses": losses,
         "patch_report": report,
@@ -133,7 +152,7 @@ def run_isolated(args: argparse.Namespace, model_name: str, variant: str, seq: i
     """One (model, variant, seq) in a fresh process; an out-of-memory or crash is recorded, not fatal."""
     command = [sys.executable, "-m", "benchmarks.bench_train", "--worker", model_name, variant]
     command += ["--batch", str(args.batch), "--seqs", str(seq), "--steps", str(args.steps)]
-    command += ["--warmup", str(args.warmup)]
+    command += ["--warmup", str(args.warmup), "--lce-options", json.dumps(args.lce_options)]
     shape = {"model": model_name, "variant": variant, "batch": args.batch, "seq": seq}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
@@ -160,6 +179,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "ms": row["ms_per_step_median"],
             "tokens_per_s": row["tokens_per_s"],
             "peak_gib": row["peak_mem_gib"],
+            "peak_fwd_bwd_gib": row["peak_fwd_bwd_gib"],
             "first_loss": row["losses"][0],
         }
     for entry in summary.values():
@@ -187,8 +207,8 @@ def print_table(summary: dict[str, dict[str, Any]]) -> None:
             if "error" in row:
                 print(f"  {variant:22s} {row['error']}")
             else:
-                ms, gib, loss = row["ms"], row["peak_gib"], row["first_loss"]
-                print(f"  {variant:22s} {ms:8.1f} ms/step {gib:6.1f} GiB  loss0 {loss:.5f}")
+                ms, gib, model_gib, loss = row["ms"], row["peak_gib"], row["peak_fwd_bwd_gib"], row["first_loss"]
+                print(f"  {variant:22s} {ms:8.1f} ms/step {gib:6.1f} GiB (fwd+bwd {model_gib:5.1f})  loss0 {loss:.5f}")
         for name, ratio in entry["time_ratios"].items():
             print(f"  ratio {name}: {ratio:.3f}")
 
@@ -204,10 +224,17 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=420, help="seconds per (model, variant) process")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument(
+        "--lce-options",
+        type=json.loads,
+        default={},
+        help="JSON over the linear CE entry's options, e.g. '{\"chunk_mib\": 256}'",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_one(*args.worker, args.batch, args.seqs[0], args.steps, args.warmup)))
+        row = run_one(*args.worker, args.batch, args.seqs[0], args.steps, args.warmup, args.lce_options)
+        print(json.dumps(row))
         return
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     path = args.out / f"train_{gpu}{'_' + args.tag if args.tag else ''}.json"
@@ -221,6 +248,7 @@ def main() -> None:
                     "batch": args.batch,
                     "seqs": args.seqs,
                     "variants": {v: VARIANTS[v] for v in args.variants},
+                    "lce_options": args.lce_options,
                     "summary": summarise(results),
                     "runs": results,
                 }

@@ -1,6 +1,6 @@
 """Host time of one forward+backward, split where it goes: finds launch-bound cases (run on a GPU).
 
-    python benchmarks/launch_overhead.py [--out benchmarks/results]
+    python -m benchmarks.launch_overhead [--out benchmarks/results]
 
 Per call, medians over a few hundred calls with no synchronisation in the loop:
 ``fwd`` (the forward call), ``handoff`` (``backward()`` entered until the op's backward starts, on autograd's
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,13 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS_DIR, environment, write_json  # noqa: E402
-from engine.kernels.triton.launch import fast_launch, launch  # noqa: E402
-from engine.kernels.triton.ops import library  # noqa: E402
-from engine.kernels.triton.ops import rms_norm as rn  # noqa: E402
-from engine.kernels.triton.ops.rope import ROPE, rope  # noqa: E402
-from engine.kernels.triton.ops.swiglu import SWIGLU, swiglu  # noqa: E402
+from benchmarks.common import RESULTS_DIR, environment, write_json
+from engine.kernels.triton.launch import fast_launch, launch
+from engine.kernels.triton.ops import library
+from engine.kernels.triton.ops import rms_norm as rn
+from engine.kernels.triton.ops.rope import ROPE, rope
+from engine.kernels.triton.ops.swiglu import SWIGLU, swiglu
 
 _marks: dict[str, int] = {}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from engine.planner import Plan, PlannedPatch, Planner, model_type_of
 from engine.report import PatchedItem, PatchReport, SkippedItem
 from engine.spec import KernelSpec
 
-SpecLike = str | Path | KernelSpec
+SpecLike = str | Path | KernelSpec | Mapping[str, Any]
 SpecDirs = Iterable[str | Path]
 Modules = Iterable[str]  # modules beyond transformers that function targets may name (engine.spec.allow)
 

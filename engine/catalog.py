@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.errors import SpecError
-from engine.spec import BUILTIN_SPEC_DIR, SPEC_SUFFIXES, KernelSpec, is_spec_file, load_spec_file
+from engine.spec import BUILTIN_SPEC_DIR, SPEC_SUFFIXES, KernelSpec, is_spec_file, load_spec_file, validate_spec
 
 SPEC_PATH_ENV = "ENGINE_KERNEL_SPECS"
 __all__ = ["BUILTIN_SPEC_DIR", "SPEC_PATH_ENV", "Catalog", "find_spec", "load_catalog", "scan_catalog"]
@@ -76,11 +77,15 @@ def load_catalog(extra_dirs: Iterable[str | Path] = (), allow_modules: Iterable[
 
 
 def find_spec(
-    spec: str | Path | KernelSpec, extra_dirs: Iterable[str | Path] = (), allow_modules: Iterable[str] = ()
+    spec: str | Path | KernelSpec | Mapping[str, Any],
+    extra_dirs: Iterable[str | Path] = (),
+    allow_modules: Iterable[str] = (),
 ) -> KernelSpec:
-    """Resolve a spec given by name, by file path, or as an object."""
+    """Resolve a spec given by name, by file path, as an object, or as a dict (validated like a file's)."""
     if isinstance(spec, KernelSpec):
         return spec
+    if isinstance(spec, Mapping):
+        return validate_spec(dict(spec), "<spec dict>", allow_modules)
     path = Path(spec)
     if path.name.endswith(SPEC_SUFFIXES):
         if not path.is_file():

@@ -129,3 +129,19 @@ def test_user_spec_dir_is_discovered_and_overrides(tmp_path, monkeypatch):
 def test_unknown_spec_name_lists_available():
     with pytest.raises(SpecError, match="no spec named 'nope'.*qwen3_moe"):
         engine.find_spec("nope")
+
+
+def test_spec_given_as_a_dict_is_validated_like_a_file():
+    from engine.testing import tiny_models
+
+    model = tiny_models.build("llama")
+    entry = {"name": "norms", "kernel": "rms_norm", "target": {"module_class": "LlamaRMSNorm"}}
+    handle = engine.apply(model, spec={"name": "mine", "model_types": ["llama"], "entries": [entry]}, device="npu")
+    assert [item.entry for item in handle.report.patched] + [s.entry for s in handle.report.skipped] == ["norms"]
+    handle.revert()
+    bad = {"name": "mine", "model_types": ["llama"], "entries": [{**entry, "kernel": "rms_nrom"}]}
+    with pytest.raises(
+        SpecError, match=r"^<spec dict>: spec 'mine': entry 0 \('norms'\), field 'kernel': unknown kernel 'rms_nrom'"
+    ) as info:
+        engine.apply(model, spec=bad)
+    assert "\n" not in str(info.value)

@@ -11,7 +11,7 @@ from engine.kernels.kinds import vision_rope as vision_rope_kind
 from engine.kernels.triton.ops.mrope import mrope_cos_sin
 from engine.kernels.triton.ops.rms_norm import rms_norm
 from engine.kernels.triton.ops.rope import rope, vision_rope
-from engine.kernels.triton.ops.swiglu import swiglu
+from engine.kernels.triton.ops.swiglu import swiglu, swiglu_linear
 from tests.layouts import LAYOUTS, relayout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,6 +104,62 @@ def test_swiglu_matches_reference(dtype):
     gate = torch.randn(3, 7, 301, device=DEVICE, dtype=dtype)
     up = torch.randn(3, 7, 301, device=DEVICE, dtype=dtype)
     check(swiglu, swiglu_kind.reference, [gate, up], dtype)
+
+
+def _swiglu_linear_reference(gate, up, weight, bias=None):
+    return torch.nn.functional.linear(swiglu_kind.reference(gate, up), weight, bias)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_linear_matches_reference(dtype, bias):
+    gate, up = torch.randn(3, 5, 48, device=DEVICE, dtype=dtype), torch.randn(3, 5, 48, device=DEVICE, dtype=dtype)
+    weight = (torch.randn(24, 48, device=DEVICE) * 48**-0.5).to(dtype)
+    inputs = [gate, up, weight] + ([torch.randn(24, device=DEVICE, dtype=dtype)] if bias else [])
+    check(swiglu_linear, _swiglu_linear_reference, inputs, dtype)
+
+
+def test_swiglu_linear_gives_autograds_gradients_bit_for_bit():
+    """Same kernels, same GEMMs as ``down_proj(swiglu(gate, up))``: recomputing the activation changes no bit."""
+    gate, up = torch.randn(2, 9, 40, device=DEVICE), torch.randn(2, 9, 40, device=DEVICE)
+    weight = torch.randn(16, 40, device=DEVICE)
+    ours = grads_of(swiglu_linear, [gate, up, weight])
+    theirs = grads_of(lambda g, u, w: torch.nn.functional.linear(swiglu(g, u), w), [gate, up, weight])
+    for a, b in zip(ours[0] + ours[1], theirs[0] + theirs[1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_swiglu_linear_frozen_weight_gets_no_gradient():
+    gate = torch.randn(4, 32, device=DEVICE, requires_grad=True)
+    up = torch.randn(4, 32, device=DEVICE, requires_grad=True)
+    weight = torch.randn(8, 32, device=DEVICE)
+    swiglu_linear(gate, up, weight).sum().backward()
+    want = torch.autograd.grad(_swiglu_linear_reference(gate, up, weight).sum(), (gate, up))
+    assert weight.grad is None
+    assert rel(gate.grad, want[0]) < 1e-5 and rel(up.grad, want[1]) < 1e-5
+
+
+def test_swiglu_linear_keeps_gate_and_up_but_not_the_activation():
+    """The memory it exists for: saved for backward are gate, up and the weight, nothing of their size else."""
+    gate = torch.randn(64, 96, device=DEVICE, requires_grad=True)
+    up = torch.randn(64, 96, device=DEVICE, requires_grad=True)
+    weight = torch.randn(32, 96, device=DEVICE, requires_grad=True)
+
+    def saved_activation_storages(fn):
+        storages = set()
+
+        def pack(t):
+            if t.numel() == gate.numel():
+                storages.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(gate, up, weight)
+        return len(storages)
+
+    unfused = saved_activation_storages(lambda g, u, w: torch.nn.functional.linear(swiglu(g, u), w))
+    assert unfused == 3  # gate, up and the activation the down projection keeps
+    assert saved_activation_storages(swiglu_linear) == 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -242,6 +298,13 @@ def test_swiglu_takes_any_strides(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_swiglu_linear_takes_any_strides(layout):
+    gate, up = torch.randn(7, 3, 40, device=DEVICE), torch.randn(7, 3, 40, device=DEVICE)
+    weight, bias = torch.randn(24, 40, device=DEVICE), torch.randn(24, device=DEVICE)
+    _same_results(swiglu_linear, [gate, up, weight, bias], layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_rope_takes_any_strides_of_q_k_cos_sin(layout):
     q, k = torch.randn(2, 3, 5, 16, device=DEVICE), torch.randn(2, 1, 5, 16, device=DEVICE)
     cos, sin = torch.randn(2, 5, 16, device=DEVICE), torch.randn(2, 5, 16, device=DEVICE)
@@ -299,6 +362,8 @@ def _entry_point_calls():
         "rms_norm int": (lambda: rms_norm(x.long(), w, 1e-6), "floating point"),
         "swiglu shapes": (lambda: swiglu(x, x[:, :7]), "same shape"),
         "swiglu dtypes": (lambda: swiglu(x, x.double()), "one floating dtype"),
+        "swiglu_linear width": (lambda: swiglu_linear(x, x, w[None, :7]), "does not take 8-wide"),
+        "swiglu_linear dtype": (lambda: swiglu_linear(x, x, x.double()), "does not take"),
         "rope odd head_dim": (lambda: rope(odd_q, odd_q, odd_cos, odd_cos), "head_dim 7 is odd"),
         "rope partial rotary": (lambda: rope(q, q, cos[..., :4], cos[..., :4]), "rotary dims differ"),
         "rope k head_dim": (lambda: rope(q, q[..., :6], cos, cos), "rotary dims differ"),
@@ -322,3 +387,51 @@ def test_entry_points_reject_bad_shapes_with_one_line_value_error(case):
     with pytest.raises(ValueError, match=message) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+def _llama_mlp():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    return LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64)).to(DEVICE)
+
+
+@pytest.mark.parametrize("wrapped", ["bare", "hooked", "lora-like"])
+def test_swiglu_kernel_class_fuses_the_down_projection_only_when_it_is_a_bare_linear(wrapped):
+    """A bare ``nn.Linear`` runs inside ``swiglu_linear`` (activation not saved); a hooked or replaced layer is
+    called as it is, so its hook or extra path still runs; the result is the module's either way."""
+    from engine.kernels.kinds.base import NoOptions
+    from engine.kernels.triton.swiglu import TritonSwiGLUKernel
+
+    mlp = _llama_mlp()
+    calls = []
+    if wrapped == "hooked":
+        mlp.down_proj.register_forward_hook(lambda *_: calls.append("hook"))
+    elif wrapped == "lora-like":  # a subclass adding a path, as adapters do
+        extra = torch.nn.Linear(64, 32, bias=False).to(DEVICE)
+
+        class Adapted(torch.nn.Linear):
+            def forward(self, x):
+                calls.append("adapter")
+                return super().forward(x) + extra(x)
+
+        adapted = Adapted(64, 32, bias=False).to(DEVICE)
+        adapted.weight = mlp.down_proj.weight
+        mlp.down_proj = adapted
+    x = torch.randn(2, 5, 32, device=DEVICE, requires_grad=True)
+    fused = []
+
+    def pack(t):
+        if t.numel() == 2 * 5 * 64 and t.shape[-1] == 64:  # [tokens, intermediate]: gate, up, the activation
+            fused.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = TritonSwiGLUKernel.run(mlp, NoOptions(), x)
+    calls_with_kernel = list(calls)
+    torch.testing.assert_close(out, mlp(x), rtol=1e-5, atol=1e-5)
+    if wrapped == "bare":
+        assert len(set(fused)) == 2 and not calls_with_kernel
+    else:
+        assert len(set(fused)) == 3 and calls_with_kernel == ["hook" if wrapped == "hooked" else "adapter"]

@@ -6,14 +6,15 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "ops":
-        importlib.import_module(f"{__name__}.{_info.name}")
-
-from engine.kernels.portable.linear_cross_entropy import (  # noqa: E402
+from engine.kernels.portable.linear_cross_entropy import (
     CpuLinearCrossEntropyKernel,
     MpsLinearCrossEntropyKernel,
     XpuLinearCrossEntropyKernel,
 )
+
+# Any other kernel module in the package registers its classes on import too.
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name != "ops":
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["CpuLinearCrossEntropyKernel", "MpsLinearCrossEntropyKernel", "XpuLinearCrossEntropyKernel"]
