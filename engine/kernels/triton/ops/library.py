@@ -74,12 +74,10 @@ def unused_pointer(like: torch.Tensor) -> torch.Tensor:
     return dummy
 
 
-def _plain_call(args: tuple[Any, ...]) -> bool:
-    return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
-
-
 def _needs_grad(args: tuple[Any, ...]) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if not torch.is_grad_enabled():
+        return False
+    return any(type(a) in _PLAIN and a.requires_grad for a in args)
 
 
 class KernelOp:
@@ -112,7 +110,9 @@ class KernelOp:
             self.function = _autograd_function(name, impl, setup_context, backward)
 
     def __call__(self, *args: Any) -> Any:
-        if EAGER_PATH == "function" and not torch.compiler.is_compiling() and _plain_call(args):
+        # Every operator takes a tensor first, and one call never mixes real and traced tensors (run_kernel), so
+        # the first argument's type tells an eager call from a traced one; this runs hundreds of times a step.
+        if EAGER_PATH == "function" and type(args[0]) in _PLAIN and not torch.compiler.is_compiling():
             if self.function is not None and _needs_grad(args):
                 return self.function.apply(*args)
             return self.impl(*args)

@@ -39,12 +39,18 @@ def _source_rows(SRC, rows, mask, GATHER: tl.constexpr):
 
 
 @triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, BLOCKWISE: tl.constexpr):
-    """``acc + a @ b``. BLOCKWISE sums each K block on its own before adding it (fp32): a serial sum over the
-    whole K dimension would carry ~sqrt(K) roundings into every output, against ~sqrt(K / BLOCK_K) here."""
+def _mma(a, b, acc, carry, PRECISION: tl.constexpr, BLOCKWISE: tl.constexpr):
+    """``(acc + a @ b, carry)``. BLOCKWISE (fp32) computes each K block's product on its own and adds it to
+    ``acc`` with Kahan compensation (``carry`` holds the rounding the sum lost): a plain running sum over K
+    carries ~sqrt(K) roundings into every output (about 4x cuBLAS's fp32 error at K=4160, issue 12). The block
+    product is subtracted from first, so Triton cannot fold it back into ``dot(a, b, acc)`` (its combine pass
+    does that to ``acc + dot(a, b)``, which is why a plain blockwise sum measured no better)."""
     if BLOCKWISE:
-        return acc + tl.dot(a, b, input_precision=PRECISION)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+        y = tl.dot(a, b, input_precision=PRECISION) - carry
+        total = acc + y
+        carry = (total - acc) - y
+        return total, carry
+    return tl.dot(a, b, acc, input_precision=PRECISION), carry
 
 
 @triton.jit
@@ -99,6 +105,8 @@ def _row_gemm(
     b_ptrs = B + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    carry = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # Kahan terms; unused (and removed) unless BLOCKWISE
+    carry_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, kd, BLOCK_K):
         k_mask = (k0 + ks) < kd
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -106,12 +114,12 @@ def _row_gemm(
         if DOT_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = _mma(a, b, acc, PRECISION, BLOCKWISE)
+        acc, carry = _mma(a, b, acc, carry, PRECISION, BLOCKWISE)
         if EPILOGUE == _SWIGLU_FWD:
             b_up = tl.load(b_ptrs + half_n * stride_bn, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             if DOT_FP32:
                 b_up = b_up.to(tl.float32)
-            acc_up = _mma(a, b_up, acc_up, PRECISION, BLOCKWISE)
+            acc_up, carry_up = _mma(a, b_up, acc_up, carry_up, PRECISION, BLOCKWISE)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -185,6 +193,7 @@ def _expert_wgrad(
     end = tl.load(EXPERT_END + expert)
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    carry = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
         rows = r0 + ks
         r_mask = rows < end
@@ -202,7 +211,7 @@ def _expert_wgrad(
         if DOT_FP32:
             x = x.to(tl.float32)
             y = y.to(tl.float32)
-        acc = _mma(x, y, acc, PRECISION, BLOCKWISE)
+        acc, carry = _mma(x, y, acc, carry, PRECISION, BLOCKWISE)
     d_ptrs = DW + expert.to(tl.int64) * stride_de + ms[:, None].to(tl.int64) * stride_dm + ns[None, :] * stride_dn
     tl.store(d_ptrs, acc.to(DW.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -221,8 +230,8 @@ def _gather_sum_kernel(SRC, DST, INVERSE, top_k, hidden, stride_s, stride_d, BLO
 
 
 def _dot_flags(t: torch.Tensor) -> dict[str, object]:
-    """fp32 inputs get IEEE dots (not tf32), summed block by block. The interpreter's half-precision dot is
-    unreliable, so it upcasts."""
+    """fp32 inputs get IEEE dots (not tf32), Kahan-summed over K blocks (``_mma``). The interpreter's
+    half-precision dot is unreliable, so it upcasts."""
     fp32 = t.dtype == torch.float32
     return {"DOT_FP32": interpreting(), "PRECISION": "ieee" if fp32 else "tf32", "BLOCKWISE": fp32}
 
