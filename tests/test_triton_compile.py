@@ -54,6 +54,11 @@ def op_cases() -> dict[str, tuple]:
             (0, 1),
         ),
         "swiglu": (swiglu_ops.swiglu, [_randn(4, 30), _randn(4, 30, seed=1)], (0, 1)),
+        "swiglu_linear": (
+            swiglu_ops.swiglu_linear,
+            [_randn(2, 4, 30), _randn(2, 4, 30, seed=1), _randn(12, 30, seed=2, scale=0.2), _randn(12, seed=3)],
+            (0, 1, 2, 3),
+        ),
         "rope": (
             rope_ops.rope,
             [_randn(2, 4, 6, 16), _randn(2, 2, 6, 16, seed=1), _randn(1, 6, 16, seed=2), _randn(1, 6, 16, seed=3)],
@@ -294,6 +299,7 @@ EXPECTED_KERNELS = {
     "rms_norm": {"_rms_norm_fwd", "_rms_norm_bwd"},
     "rms_norm_gemma": {"_rms_norm_fwd", "_rms_norm_bwd"},
     "swiglu": {"_swiglu_fwd", "_swiglu_bwd"},
+    "swiglu_linear": {"_swiglu_fwd", "_swiglu_bwd"},  # the GEMMs are aten ops beside them
     "rope": {"_rope_kernel"},
     "vision_rope": {"_rope_kernel"},
     "mrope_cos_sin": {"_mrope_cos_sin"},

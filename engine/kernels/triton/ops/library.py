@@ -39,7 +39,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def is_real(t: torch.Tensor) -> bool:
     """A tensor with data a kernel can read: not fake, functional, or meta (those only carry shapes)."""
-    return type(t) in _PLAIN and t.device.type != "meta"
+    return type(t) in _PLAIN and not t.is_meta
 
 
 def run_kernel(kernel: Any, grid: tuple[Any, ...], *args: Any, **meta: Any) -> None:

@@ -255,8 +255,9 @@ def _forward(
     x_rows = _as_rows(x, n_cols)
     n_rows = x_rows.shape[0]
     out_dtype = x.dtype if gemma or weight.dtype == x.dtype else torch.promote_types(x.dtype, weight.dtype)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    # *_like / new_* allocations: the host path runs hundreds of times a step, and these skip building a device
+    y = torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
+    rstd = x.new_empty(n_rows, dtype=torch.float32)
     if n_rows == 0:
         return y, rstd
     block_m, block_n, warps = _fwd_config(n_cols)
@@ -295,8 +296,8 @@ def _backward(
     n_cols = int(x.shape[-1])
     x_rows, dy_rows = _as_rows(x, n_cols), _as_rows(dy, n_cols)
     n_rows = x_rows.shape[0]
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw = torch.empty(n_cols if want_dw else 0, dtype=weight.dtype, device=weight.device)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dw = weight.new_empty(n_cols if want_dw else 0)
     if n_rows == 0:
         return dx, dw.zero_()
     block_m, block_n, warps, per_sm, two_pass = _bwd_config(n_cols)
