@@ -42,7 +42,8 @@ def torch_npu_installed() -> bool:
         return False
 
 
-def _npu_available() -> bool:
+def npu_available() -> bool:
+    """torch_npu imports and reports an Ascend device (the hardware tests' gate too)."""
     if not torch_npu_installed():
         return False
     try:
@@ -88,7 +89,7 @@ def detect_device() -> DeviceType:
     found = _from_torch_accelerator()
     if found is not None:
         return found
-    if _npu_available():
+    if npu_available():
         return DeviceType.NPU
     if torch.cuda.is_available():
         return DeviceType.CUDA

@@ -5,26 +5,13 @@ checks that stand-in against the hardware. Skipped without torch_npu and an NPU.
 build run it first: ``pytest tests/test_npu_hardware.py -v``.
 """
 
-import importlib.util
-
 import pytest
 import torch
 
+from engine.device import npu_available
 from engine.testing import torch_npu_standin as standin
 
-
-def _ascend_available() -> bool:
-    if importlib.util.find_spec("torch_npu") is None:
-        return False
-    try:
-        import torch_npu  # noqa: F401  (registers torch.npu)
-    except Exception:
-        return False
-    npu = getattr(torch, "npu", None)
-    return bool(npu is not None and npu.is_available())
-
-
-pytestmark = pytest.mark.skipif(not _ascend_available(), reason="needs an Ascend NPU with torch_npu")
+pytestmark = pytest.mark.skipif(not npu_available(), reason="needs an Ascend NPU with torch_npu")
 BF16 = torch.bfloat16
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, BF16: 1.6e-2}  # relative norm error
 

@@ -75,7 +75,7 @@ def test_device_detection_order(monkeypatch):
     accelerator = {"value": None}
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: accelerator["value"])
     flags = {"npu": False, "cuda": False, "xpu": False, "mps": False}
-    monkeypatch.setattr(device, "_npu_available", lambda: flags["npu"])
+    monkeypatch.setattr(device, "npu_available", lambda: flags["npu"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: flags["cuda"])
     monkeypatch.setattr(device, "_backend_available", lambda name: flags[name])
     monkeypatch.setattr(device, "_mps_available", lambda: flags["mps"])
@@ -100,7 +100,7 @@ def test_npu_is_not_detected_without_torch_npu(monkeypatch):
     import engine.device as device
 
     monkeypatch.setattr(device, "torch_npu_installed", lambda: False)
-    assert device._npu_available() is False
+    assert device.npu_available() is False
 
 
 @pytest.mark.parametrize(

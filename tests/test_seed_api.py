@@ -55,7 +55,7 @@ def accelerator(monkeypatch):
 
     monkeypatch.setattr(torch.accelerator, "current_accelerator", fake)
     # "no accelerator" must mean cpu on a GPU machine too: the per-backend probes find nothing either
-    monkeypatch.setattr(engine.device, "_npu_available", lambda: False)
+    monkeypatch.setattr(engine.device, "npu_available", lambda: False)
     monkeypatch.setattr(engine.device, "_backend_available", lambda name: False)
     monkeypatch.setattr(engine.device, "_mps_available", lambda: False)
     monkeypatch.setattr(engine.device.torch.cuda, "is_available", lambda: False)

@@ -30,6 +30,16 @@ DENSE = dict(  # the shared shape of every tiny decoder
 )
 
 
+MOE = dict(  # the shared expert layout of the tiny MoE decoders: layer 0 sparse, layer 1 a dense MLP
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    decoder_sparse_step=1,
+    mlp_only_layers=[1],
+)
+
+
 def _causal(config) -> nn.Module:
     config._attn_implementation = "eager"
     return AutoModelForCausalLM.from_config(config)
@@ -52,18 +62,7 @@ def qwen3() -> nn.Module:
 
 
 def qwen3_moe() -> nn.Module:
-    return _causal(
-        Qwen3MoeConfig(
-            **DENSE,
-            head_dim=16,
-            num_experts=8,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            decoder_sparse_step=1,
-            mlp_only_layers=[1],
-            norm_topk_prob=True,
-        )
-    )
+    return _causal(Qwen3MoeConfig(**DENSE, **MOE, norm_topk_prob=True))
 
 
 def qwen2_vl() -> nn.Module:
@@ -87,12 +86,7 @@ def qwen2_vl() -> nn.Module:
 def qwen3_vl_moe() -> nn.Module:
     text = dict(
         DENSE,
-        head_dim=16,
-        num_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        decoder_sparse_step=1,
-        mlp_only_layers=[1],
+        **MOE,
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 10000.0,
