@@ -27,9 +27,9 @@ from engine.testing import tiny_models
 VARIANTS = ("unpatched", "patch_before_shard", "patch_after_shard")
 
 
-def build(name: str, device: str) -> torch.nn.Module:
+def build(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     if name == "tiny":
-        return tiny_models.build("qwen3")
+        return tiny_models.build("qwen3").to(dtype)
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     config = Qwen3Config(
@@ -45,11 +45,11 @@ def build(name: str, device: str) -> torch.nn.Module:
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).train()
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).train()
 
 
 def run(variant: str, args: argparse.Namespace, mesh, device: torch.device) -> dict:
-    model = build(args.model, device.type).to(device)
+    model = build(args.model, device.type, getattr(torch, args.dtype)).to(device)
     spec = "qwen3"
     if variant == "patch_before_shard":
         engine.apply(model, spec=spec, verbose=False)
@@ -90,8 +90,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=12)
+    parser.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], help="parameters' dtype (default: fp32 tiny, bf16 qwen3_8l)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    args.dtype = args.dtype or ("float32" if args.model == "tiny" else "bfloat16")
     rank = int(os.environ["RANK"])
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -110,7 +114,20 @@ def main() -> None:
         results = {variant: run(variant, args, mesh, device) for variant in VARIANTS}
     dist.barrier()
     if rank == 0:
-        payload = {"world_size": dist.get_world_size(), "model": args.model, "device": args.device, **results}
+        base = results["unpatched"]["losses"]
+        gaps = {  # the largest relative gap of each patched run's losses to the unpatched sharded run's
+            variant: max(abs(a - b) / abs(b) for a, b in zip(result["losses"], base, strict=True))
+            for variant, result in results.items()
+            if variant != "unpatched"
+        }
+        payload = {
+            "world_size": dist.get_world_size(),
+            "model": args.model,
+            "device": args.device,
+            "dtype": args.dtype,
+            "max_relative_loss_gap": gaps,
+            **results,
+        }
         text = json.dumps(payload, indent=2)
         if args.out:
             with open(args.out, "w") as f:

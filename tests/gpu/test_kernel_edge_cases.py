@@ -468,6 +468,7 @@ MOE_CASES = {  # name: (tokens, experts, hidden, intermediate, top_k, routing)
     "tile height 128": (4096, 8, 256, 128, 2, "softmax"),  # rows >= 256 per expert
     "skewed E64 K4": (2048, 64, 192, 96, 4, "skewed"),  # most experts idle, a few hot
     "H4160 I200 skewed": (256, 16, 4160, 200, 2, "skewed"),  # hidden / intermediate past any tile multiple
+    "T65536 E128 K8 skewed": (65536, 128, 256, 64, 8, "skewed"),  # the most tokens, in every dtype (fp32 too)
 }
 
 
