@@ -32,7 +32,7 @@ class TritonRoPEKernel(TritonKernel):
 
     @classmethod
     def run(cls, fn: object, options: BaseModel, q, k, cos, sin, unsqueeze_dim: int = 1):  # noqa: ANN001
-        from engine.kernels.triton.ops.rope import rope
+        from engine.kernels.triton.ops.rope import rope_checked  # supports() checked these arguments
 
-        q_out, k_out = rope(*_bshd_to_bhsd(q, k, unsqueeze_dim), cos, sin)
+        q_out, k_out = rope_checked(*_bshd_to_bhsd(q, k, unsqueeze_dim), cos, sin)
         return _bshd_to_bhsd(q_out, k_out, unsqueeze_dim)

@@ -30,6 +30,6 @@ class TritonVisionRoPEKernel(TritonKernel):
     def run(
         cls, fn: object, options: BaseModel, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from engine.kernels.triton.ops.rope import vision_rope
+        from engine.kernels.triton.ops.rope import vision_rope_checked  # supports() checked these arguments
 
-        return vision_rope(q, k, cos, sin)
+        return vision_rope_checked(q, k, cos, sin)

@@ -233,6 +233,14 @@ def check_rope_args(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``apply_rotary_pos_emb``: rotate q [B, Hq, S, D] and k [B, Hk, S, D] by cos/sin [B or 1, S, D]."""
     check_rope_args(q, k, cos, sin)
+    return rope_checked(q, k, cos, sin)
+
+
+def rope_checked(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope` for arguments that already passed :func:`check_rope_args` (the kernel class checks them in
+    ``supports`` on every call; checking twice costs host time on a path that runs hundreds of times a step)."""
     angles = torch.promote_types(cos.dtype, sin.dtype)
     return ROPE(q, k, cos, sin, torch.promote_types(q.dtype, angles), torch.promote_types(k.dtype, angles), False)
 
@@ -257,5 +265,12 @@ def vision_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``apply_rotary_pos_emb_vision``: q/k [S, H, D], cos/sin [S, D]; fp32 math, outputs in q's / k's dtypes."""
     check_vision_rope_args(q, k, cos, sin)
+    return vision_rope_checked(q, k, cos, sin)
+
+
+def vision_rope_checked(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`vision_rope` for arguments that already passed :func:`check_vision_rope_args`."""
     q_out, k_out = ROPE(*_vision_as_4d(q, k, cos, sin), q.dtype, k.dtype, False)
     return q_out.transpose(1, 2).squeeze(0), k_out.transpose(1, 2).squeeze(0)
