@@ -78,6 +78,7 @@ def _row_gemm(
     stride_gm,
     GATHER_A: tl.constexpr,
     EPILOGUE: tl.constexpr,
+    SUM_DW: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCKWISE: tl.constexpr,
@@ -141,8 +142,9 @@ def _row_gemm(
         g_ptrs = GATE_UP + rows64[:, None] * stride_gm + cols[None, :]
         g = tl.load(g_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         u = tl.load(g_ptrs + half_n, mask=out_mask, other=0.0).to(tl.float32)
-        act = silu_mul(g, u).to(C.dtype.element_ty).to(tl.float32)  # the activation as stored in forward
-        tl.atomic_add(DW + rows, tl.sum(acc * act, axis=1), mask=row_mask)
+        if SUM_DW:  # the routing-weight gradient, <d_act, act> per row
+            act = silu_mul(g, u).to(C.dtype.element_ty).to(tl.float32)  # the activation as stored in forward
+            tl.atomic_add(DW + rows, tl.sum(acc * act, axis=1), mask=row_mask)
         scale = tl.load(ROW_SCALE + rows, mask=row_mask, other=0.0)
         d_gate, d_up = silu_mul_backward(g, u, acc * scale[:, None])
         tl.store(c_ptrs, d_gate.to(C.dtype.element_ty), mask=out_mask)
@@ -287,6 +289,7 @@ def _row_gemm_launch(
         gate_up.stride(0) if gate_up is not None else 0,
         GATHER_A=gather_a,
         EPILOGUE=epilogue,
+        SUM_DW=dw is not None,
         **_dot_flags(a),
         BLOCK_M=routing.block_m,
         BLOCK_N=block_n,
@@ -452,6 +455,7 @@ def _backward(
     tiles = _tiles(x, block_m)
     tokens, hidden = x.shape
     rows, inter = act.shape
+    fp32 = x.dtype == torch.float32
     d_row_weight = torch.zeros(rows, dtype=torch.float32, device=x.device)
     d_x = torch.empty((tokens, hidden) if want_dx else 0, dtype=x.dtype, device=x.device)
     d_gate_up_proj = torch.empty(gate_up_proj.shape if want_d_gate_up_proj else 0, dtype=x.dtype, device=x.device)
@@ -472,10 +476,10 @@ def _backward(
         gather_a=True,
         gate_up=gate_up,
         row_scale=row_weight,
-        dw=d_row_weight,
+        dw=None if fp32 else d_row_weight,
         half_n=inter,
     )
-    if x.dtype == torch.float32:
+    if fp32:  # summed over hidden instead, as transformers sums it
         d_row_weight = _routing_weight_grad_fp32(tiles, routing, d_out, act, down_proj)
     if want_d_down_proj:
         _wgrad_launch(tiles, routing, d_out, act, d_down, gather_x=True, scale_x=row_weight)
@@ -495,9 +499,9 @@ def _routing_weight_grad_fp32(
 ) -> torch.Tensor:
     """d_weight[row] = <d_out[token], act[row] @ down[expert]^T>, the order transformers sums in.
 
-    The fused epilogue sums <d_act, act> over the intermediate dimension instead: the same value, but in fp32 its
-    rounding measured about 3x transformers' own (issue 12). fp32 training is not a speed path, so it pays one more
-    expert GEMM for the closer result; bf16/fp16 keep the fused sum, whose error is far below their own rounding.
+    The fused epilogue (``SUM_DW``, on for bf16/fp16) sums <d_act, act> over the intermediate dimension instead: the
+    same value, but in fp32 its rounding measured about 3x transformers' own (issue 12). fp32 training is not a
+    speed path, so it pays one more expert GEMM for the closer result and skips the fused sum.
     """
     rows, hidden = act.shape[0], d_out.shape[1]
     y = torch.empty(rows, hidden, dtype=torch.float32, device=act.device)
