@@ -228,3 +228,19 @@ def test_fused_moe_rejects_mismatched_shapes_with_one_line_value_error():
         with pytest.raises(ValueError, match=message) as info:
             fused_moe(*args)
         assert "\n" not in str(info.value), name
+
+
+@pytest.mark.parametrize("kernel_name", ["triton", "npu"])
+def test_every_moe_kernel_refuses_calls_outside_the_kinds_routing_contract(kernel_name):
+    """The per-call condition lives with the kind (``KernelKind.fits``): each device's class inherits it."""
+    from engine.kernels.kinds.base import NoOptions
+    from engine.kernels.npu.fused_moe import NpuFusedMoEKernel
+    from engine.kernels.triton.fused_moe import TritonFusedMoEKernel
+
+    kernel = {"triton": TritonFusedMoEKernel, "npu": NpuFusedMoEKernel}[kernel_name]
+    x, index, weights = torch.randn(5, 8), torch.randint(0, 4, (5, 2)), torch.rand(5, 2)
+    assert kernel.supports(NoOptions(), x, index, weights)
+    assert not kernel.supports(NoOptions(), x[None], index, weights)  # 3-D tokens
+    assert not kernel.supports(NoOptions(), x, index.float(), weights)  # float expert ids
+    assert not kernel.supports(NoOptions(), x, index, weights[:, :1])  # [T, K] mismatch
+    assert not kernel.supports(NoOptions(), x[:4], index, weights)  # token count mismatch

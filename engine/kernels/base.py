@@ -86,8 +86,10 @@ class MetaKernel(metaclass=KernelMeta):
 
     @classmethod
     def supports(cls, options: BaseModel, *args: Any) -> bool:
-        """Per call: whether the kernel handles these arguments (shapes, dtypes); otherwise the original runs."""
-        return True
+        """Per call: whether the kernel handles these arguments (shapes, dtypes); otherwise the original runs.
+        By default the kind's own per-call condition (``KernelKind.fits``), if it has one."""
+        fits = KINDS[cls.kind].fits
+        return fits is None or fits(*args)
 
     @classmethod
     def companions(cls, target: Any, options: BaseModel) -> list[tuple[torch.nn.Module, type[MetaKernel]]]:

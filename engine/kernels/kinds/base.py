@@ -46,6 +46,8 @@ class KernelKind:
 
     ``params`` names the target's call parameters a kernel receives, in order; a call that sets any other
     parameter to a non-default value runs the original. ``None`` hands the kernel the raw call instead.
+    ``fits``, where set, is the per-call condition every device's kernel of the kind shares (the default
+    ``MetaKernel.supports``); a call it refuses runs the original.
     """
 
     name: str
@@ -55,6 +57,7 @@ class KernelKind:
     check: Check
     probe: Check
     options: type[BaseModel] = NoOptions
+    fits: Callable[..., bool] | None = None
 
 
 # Probes run in the target's own dtype; a semantic mistake gives O(1) errors, rounding far less.

@@ -83,5 +83,11 @@ def probe(module: Any, options: NoOptions) -> str | None:
 
 
 KIND = KernelKind(
-    "fused_moe", KernelType.MOE, "module", ("hidden_states", "top_k_index", "top_k_weights"), check, probe
+    "fused_moe",
+    KernelType.MOE,
+    "module",
+    ("hidden_states", "top_k_index", "top_k_weights"),
+    check,
+    probe,
+    fits=routing_fits,
 )

@@ -13,7 +13,6 @@ from pydantic import BaseModel
 from torch import nn
 
 from engine.kernels.kinds import KernelType
-from engine.kernels.kinds.fused_moe import routing_fits
 from engine.kernels.npu.base import NpuKernel, each_float, torch_npu
 from engine.kernels.npu.grouped_matmul import expert_counts, grouped_linear
 from engine.kernels.npu.token_routing import permute, unpermute
@@ -48,10 +47,6 @@ class NpuFusedMoEKernel(NpuKernel):
         if max(two_i, hidden) >= INNER_LIMIT:
             return f"expert dims {two_i}/{hidden} reach npu_grouped_matmul's inner-axis limit {INNER_LIMIT}"
         return None
-
-    @classmethod
-    def supports(cls, options: BaseModel, hidden_states, top_k_index, top_k_weights) -> bool:  # noqa: ANN001
-        return routing_fits(hidden_states, top_k_index, top_k_weights)
 
     @classmethod
     def run(

@@ -11,7 +11,6 @@ from pydantic import BaseModel
 from torch import nn
 
 from engine.kernels.kinds import KernelType
-from engine.kernels.kinds.fused_moe import routing_fits
 from engine.kernels.triton import moe_tiles, runtime
 from engine.kernels.triton.base import TritonKernel
 
@@ -34,10 +33,6 @@ class TritonFusedMoEKernel(TritonKernel):
         weight = module.gate_up_proj
         device = _plan_device(weight)
         return None if device is None else moe_tiles.unfit_reason(weight.dtype, device)
-
-    @classmethod
-    def supports(cls, options: BaseModel, hidden_states, top_k_index, top_k_weights) -> bool:  # noqa: ANN001
-        return routing_fits(hidden_states, top_k_index, top_k_weights)
 
     @classmethod
     def run(
