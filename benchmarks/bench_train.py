@@ -31,6 +31,7 @@ VARIANTS = {
     "transformers": "transformers as is",
     "engine": "engine kernels (explicit spec, fused MoE included; no linear cross-entropy)",
     "engine+lce": "engine kernels with the fused linear cross-entropy",
+    "engine+lce+recompute": "engine kernels with linear cross-entropy, SwiGLU option recompute: projections",
     "transformers+compile": "torch.compile(model) of the unpatched model",
     "engine+compile": "engine kernels, then torch.compile(model)",
     "engine+lce+compile": "engine kernels with linear cross-entropy, then torch.compile(model)",
@@ -40,19 +41,25 @@ VARIANTS = {
 DEFAULT_VARIANTS = ["transformers", "engine", "transformers+compile", "engine+compile", "liger", "liger+flce"]
 
 
-def _engine_spec(model_name: str, with_lce: bool, lce_options: dict[str, Any] | None = None):
-    """The model's built-in spec, without its linear cross-entropy entry unless asked for (then with
-    ``lce_options`` over the entry's own options)."""
+def _engine_spec(model_name: str, variant: str, lce_options: dict[str, Any] | None = None):
+    """The model's built-in spec as ``variant`` asks for it: without its linear cross-entropy entry unless
+    ``+lce`` (then with ``lce_options`` over the entry's own options); with ``+recompute``, the SwiGLU entry
+    recomputes its projections in backward. Changed entries are validated again, like a spec file."""
     from engine.catalog import find_spec
+    from engine.spec import SpecEntry
 
     spec = find_spec(spec_of(model_name))
     entries = []
     for entry in spec.entries:
+        extra: dict[str, Any] = {}
         if entry.kernel == "linear_cross_entropy":
-            if not with_lce:
+            if "+lce" not in variant:
                 continue
-            if lce_options:
-                entry = entry.model_copy(update={"options": {**entry.options, **lce_options}})
+            extra = lce_options or {}
+        if entry.kernel == "swiglu" and "+recompute" in variant:
+            extra = {"recompute": "projections"}
+        if extra:
+            entry = SpecEntry.model_validate({**entry.model_dump(), "options": {**entry.options, **extra}})
         entries.append(entry)
     return spec.model_copy(update={"entries": entries})
 
@@ -74,7 +81,7 @@ def prepare(
     if variant.startswith("engine"):
         import engine
 
-        spec = _engine_spec(model_name, "+lce" in variant, lce_options)
+        spec = _engine_spec(model_name, variant, lce_options)
         handle = engine.apply(model, spec=spec, device="cuda")
         report = handle.report.to_dict()
     elif variant.startswith("liger"):
@@ -191,6 +198,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             ("engine+lce+compile", "transformers+compile"),
             ("engine+lce", "engine"),
             ("engine+lce", "liger+flce"),
+            ("engine+lce+recompute", "engine"),
+            ("engine+lce+recompute", "liger+flce"),
         ):
             if fast in ms and base in ms:
                 ratios[f"{fast} / {base}"] = ms[fast] / ms[base]

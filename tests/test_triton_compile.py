@@ -20,6 +20,7 @@ from engine.kernels.kinds import mrope as mrope_kind
 from engine.kernels.kinds.base import NoOptions
 from engine.kernels.kinds.mrope import MRopeOptions
 from engine.kernels.kinds.rms_norm import RMSNormOptions
+from engine.kernels.kinds.swiglu import SwiGLUOptions
 from engine.kernels.triton.ops import library
 from engine.kernels.triton.ops import moe as moe_ops
 from engine.kernels.triton.ops import mrope as mrope_ops
@@ -59,6 +60,19 @@ def op_cases() -> dict[str, tuple]:
             [_randn(2, 4, 30), _randn(2, 4, 30, seed=1), _randn(12, 30, seed=2, scale=0.2), _randn(12, seed=3)],
             (0, 1, 2, 3),
         ),
+        "swiglu_mlp": (
+            swiglu_ops.swiglu_mlp,
+            [
+                _randn(2, 3, 20),
+                _randn(30, 20, seed=1, scale=0.2),
+                _randn(30, 20, seed=2, scale=0.2),
+                _randn(12, 30, seed=3, scale=0.2),
+                _randn(30, seed=4),
+                _randn(30, seed=5),
+                _randn(12, seed=6),
+            ],
+            (0, 1, 2, 3, 4, 5, 6),
+        ),  # fmt: skip
         "rope": (
             rope_ops.rope,
             [_randn(2, 4, 6, 16), _randn(2, 2, 6, 16, seed=1), _randn(1, 6, 16, seed=2), _randn(1, 6, 16, seed=3)],
@@ -217,7 +231,8 @@ def _kernel_targets():
     vision_q = _randn(7, 2, 16, seed=5)
     return {
         "rms_norm": (engine.TritonRMSNormKernel, layer.input_layernorm, RMSNormOptions(), (x,), (0,)),
-        "swiglu": (engine.TritonSwiGLUKernel, layer.mlp, NoOptions(), (x,), (0,)),
+        "swiglu": (engine.TritonSwiGLUKernel, layer.mlp, SwiGLUOptions(), (x,), (0,)),
+        "swiglu_recompute": (engine.TritonSwiGLUKernel, layer.mlp, SwiGLUOptions(recompute="projections"), (x,), (0,)),
         "rope": (engine.TritonRoPEKernel, qwen3_module.apply_rotary_pos_emb, NoOptions(), (q, k, cos, sin), (0, 1)),
         "fused_moe": (
             engine.TritonFusedMoEKernel,

@@ -8,10 +8,11 @@ from engine.kernels.kinds import rms_norm as rms_norm_kind
 from engine.kernels.kinds import rope as rope_kind
 from engine.kernels.kinds import swiglu as swiglu_kind
 from engine.kernels.kinds import vision_rope as vision_rope_kind
+from engine.kernels.kinds.swiglu import SwiGLUOptions
 from engine.kernels.triton.ops.mrope import mrope_cos_sin
 from engine.kernels.triton.ops.rms_norm import rms_norm
 from engine.kernels.triton.ops.rope import rope, vision_rope
-from engine.kernels.triton.ops.swiglu import swiglu, swiglu_linear
+from engine.kernels.triton.ops.swiglu import swiglu, swiglu_linear, swiglu_mlp
 from tests.layouts import LAYOUTS, relayout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -162,6 +163,76 @@ def test_swiglu_linear_keeps_gate_and_up_but_not_the_activation():
     assert saved_activation_storages(swiglu_linear) == 2
 
 
+def _swiglu_mlp_reference(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None):
+    linear = torch.nn.functional.linear
+    return linear(swiglu_kind.reference(linear(x, w_gate, b_gate), linear(x, w_up, b_up)), w_down, b_down)
+
+
+def _mlp_inputs(dtype=torch.float32, bias=False, tokens=(3, 5), hidden=32, inter=48, out=24):
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(DEVICE, dtype)
+
+    weights = [draw(inter, hidden, scale=hidden**-0.5), draw(inter, hidden, scale=hidden**-0.5)]
+    weights.append(draw(out, inter, scale=inter**-0.5))
+    return [draw(*tokens, hidden), *weights] + ([draw(inter), draw(inter), draw(out)] if bias else [])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_mlp_matches_reference(dtype, bias):
+    check(swiglu_mlp, _swiglu_mlp_reference, _mlp_inputs(dtype, bias), dtype)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_mlp_gives_the_unfused_paths_gradients_bit_for_bit(bias):
+    """Recomputing gate and up runs the same GEMMs and kernels on the same values as keeping them."""
+    inputs = _mlp_inputs(bias=bias)
+
+    def kept(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None):
+        linear = torch.nn.functional.linear
+        return swiglu_linear(linear(x, w_gate, b_gate), linear(x, w_up, b_up), w_down, b_down)
+
+    ours, theirs = grads_of(swiglu_mlp, inputs), grads_of(kept, inputs)
+    for a, b in zip(ours[0] + ours[1], theirs[0] + theirs[1], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("frozen", ["weights", "input"])
+def test_swiglu_mlp_gradients_only_where_asked(frozen):
+    """LoRA-style frozen weights get no gradient; an input that needs none gets none, the weights still do."""
+    x, w_gate, w_up, w_down = _mlp_inputs()
+    leaves = [x.requires_grad_(frozen == "weights")] + [
+        w.requires_grad_(frozen == "input") for w in (w_gate, w_up, w_down)
+    ]
+    swiglu_mlp(*leaves).sum().backward()
+    want_leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+    _swiglu_mlp_reference(*want_leaves).sum().backward()
+    for got, want in zip(leaves, want_leaves, strict=True):
+        assert (got.grad is None) == (want.grad is None) == (not got.requires_grad)
+        if got.grad is not None:
+            assert rel(got.grad, want.grad) < 1e-5
+
+
+def test_swiglu_mlp_keeps_nothing_intermediate_sized():
+    x, w_gate, w_up, w_down = (t.requires_grad_(True) for t in _mlp_inputs(tokens=(4, 16)))
+    inter = w_gate.shape[0]
+    saved = []
+
+    def pack(t):
+        if t.shape[-1] == inter and t.data_ptr() != w_down.data_ptr():
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        swiglu_mlp(x, w_gate, w_up, w_down)
+    assert saved == []
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _swiglu_mlp_reference(x, w_gate, w_up, w_down)
+    assert len(saved) >= 2  # the check sees what unfused autograd keeps: gate, up (and more)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", [(4, 2), (3, 3), (8, 1)])
 def test_rope_matches_reference_on_transposed_views(dtype, heads):
@@ -305,6 +376,11 @@ def test_swiglu_linear_takes_any_strides(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_swiglu_mlp_takes_any_strides(layout):
+    _same_results(swiglu_mlp, _mlp_inputs(bias=True, tokens=(7, 3)), layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_rope_takes_any_strides_of_q_k_cos_sin(layout):
     q, k = torch.randn(2, 3, 5, 16, device=DEVICE), torch.randn(2, 1, 5, 16, device=DEVICE)
     cos, sin = torch.randn(2, 5, 16, device=DEVICE), torch.randn(2, 5, 16, device=DEVICE)
@@ -364,6 +440,9 @@ def _entry_point_calls():
         "swiglu dtypes": (lambda: swiglu(x, x.double()), "one floating dtype"),
         "swiglu_linear width": (lambda: swiglu_linear(x, x, w[None, :7]), "does not take 8-wide"),
         "swiglu_linear dtype": (lambda: swiglu_linear(x, x, x.double()), "does not take"),
+        "swiglu_mlp up width": (lambda: swiglu_mlp(x, w[None], w[None, :7], w[:, None]), "w_up"),
+        "swiglu_mlp down width": (lambda: swiglu_mlp(x, w[None], w[None], w[:7, None].T), "w_down"),
+        "swiglu_mlp dtype": (lambda: swiglu_mlp(x, w[None].double(), w[None], w[:, None]), "w_gate"),
         "rope odd head_dim": (lambda: rope(odd_q, odd_q, odd_cos, odd_cos), "head_dim 7 is odd"),
         "rope partial rotary": (lambda: rope(q, q, cos[..., :4], cos[..., :4]), "rotary dims differ"),
         "rope k head_dim": (lambda: rope(q, q[..., :6], cos, cos), "rotary dims differ"),
@@ -401,7 +480,6 @@ def _llama_mlp():
 def test_swiglu_kernel_class_fuses_the_down_projection_only_when_it_is_a_bare_linear(wrapped):
     """A bare ``nn.Linear`` runs inside ``swiglu_linear`` (activation not saved); a hooked or replaced layer is
     called as it is, so its hook or extra path still runs; the result is the module's either way."""
-    from engine.kernels.kinds.base import NoOptions
     from engine.kernels.triton.swiglu import TritonSwiGLUKernel
 
     mlp = _llama_mlp()
@@ -428,10 +506,54 @@ def test_swiglu_kernel_class_fuses_the_down_projection_only_when_it_is_a_bare_li
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = TritonSwiGLUKernel.run(mlp, NoOptions(), x)
+        out = TritonSwiGLUKernel.run(mlp, SwiGLUOptions(), x)
     calls_with_kernel = list(calls)
     torch.testing.assert_close(out, mlp(x), rtol=1e-5, atol=1e-5)
     if wrapped == "bare":
         assert len(set(fused)) == 2 and not calls_with_kernel
     else:
         assert len(set(fused)) == 3 and calls_with_kernel == ["hook" if wrapped == "hooked" else "adapter"]
+
+
+@pytest.mark.parametrize("wrapped", ["bare", "hooked", "lora-like"])
+def test_swiglu_kernel_class_recompute_projections_keeps_nothing_intermediate_sized(wrapped):
+    """``recompute: projections``: plain linears run as ``swiglu_mlp``, anything else is checkpointed (its
+    hook or adapter runs again in backward); either way nothing ``[tokens, intermediate]`` is kept and the
+    result and gradients are the module's."""
+    from engine.kernels.triton.swiglu import TritonSwiGLUKernel
+
+    mlp = _llama_mlp()
+    calls = []
+    if wrapped == "hooked":
+        mlp.up_proj.register_forward_hook(lambda *_: calls.append("hook"))
+    elif wrapped == "lora-like":
+        extra = torch.nn.Linear(32, 64, bias=False).to(DEVICE)
+
+        class Adapted(torch.nn.Linear):
+            def forward(self, x):
+                calls.append("adapter")
+                return super().forward(x) + extra(x)
+
+        adapted = Adapted(32, 64, bias=False).to(DEVICE)
+        adapted.weight = mlp.gate_proj.weight
+        mlp.gate_proj = adapted
+    params = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+    x = torch.randn(2, 5, 32, device=DEVICE, requires_grad=True)
+    kept = []
+
+    def pack(t):
+        if t.shape[-1] == 64 and t.untyped_storage().data_ptr() not in params:
+            kept.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = TritonSwiGLUKernel.run(mlp, SwiGLUOptions(recompute="projections"), x)
+    got = torch.autograd.grad(out.sum(), [x, *mlp.parameters()])
+    calls_with_kernel = list(calls)
+    want_out = mlp(x)
+    want = torch.autograd.grad(want_out.sum(), [x, *mlp.parameters()])
+    assert kept == []
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert calls_with_kernel == {"bare": [], "hooked": ["hook"] * 2, "lora-like": ["adapter"] * 2}[wrapped]

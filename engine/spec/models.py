@@ -6,6 +6,7 @@ target may name (see :mod:`engine.spec.allow`). Without it only ``transformers``
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
@@ -14,14 +15,17 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from engine.device import DeviceType
+from engine.errors import SpecError
 from engine.kernels.kinds import KINDS
 from engine.spec.allow import ALWAYS_ALLOWED, DOTTED_PATH, normalize, path_problem, refusal
+from engine.spec.documents import one_line
 
 NAME_PATTERN = r"^[a-z0-9_\-\.]+$"
 
@@ -98,6 +102,7 @@ class SpecEntry(BaseModel):
     when: dict[str, Any] = Field(default_factory=dict, description="config attribute -> required value (or list)")
     options: dict[str, Any] = Field(default_factory=dict, description="kernel options, checked per kernel kind")
     _parsed_options: BaseModel | None = PrivateAttr(None)
+    _parsed_from: dict[str, Any] | None = PrivateAttr(None)  # the options dict _parsed_options was parsed from
 
     @field_validator("kernel")
     @classmethod
@@ -123,12 +128,25 @@ class SpecEntry(BaseModel):
         wanted = "module_class" if kind.target == "module" else "function"
         if given != wanted:
             raise ValueError(f"kernel {self.kernel!r} replaces a {kind.target}: use target.{wanted}")
-        self._parsed_options = kind.options.model_validate(self.options)
+        self._parse_options()
         return self
+
+    def _parse_options(self) -> None:
+        self._parsed_options = KINDS[self.kernel].options.model_validate(self.options)
+        self._parsed_from = copy.deepcopy(self.options)
 
     @property
     def parsed_options(self) -> BaseModel:
-        """The options as the kind's model (validated once, when the entry was)."""
+        """The options as the kind's model: parsed when the entry was validated, and again if they changed since
+        (``model_copy(update=...)`` and assignment skip validation), with a one-line error naming the entry."""
+        if self._parsed_options is None or self._parsed_from != self.options:
+            try:
+                self._parse_options()
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"field 'options.{'.'.join(map(str, err['loc']))}': {one_line(err['msg'])}" for err in exc.errors()
+                )
+                raise SpecError(f"entry {self.name!r} ({self.kernel}): {problems}") from None
         assert self._parsed_options is not None
         return self._parsed_options
 

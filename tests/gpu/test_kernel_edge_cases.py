@@ -31,6 +31,7 @@ from engine.kernels.kinds import mrope as mrope_kind
 from engine.kernels.kinds import rope as rope_kind
 from engine.kernels.kinds.base import NoOptions
 from engine.kernels.kinds.mrope import MRopeOptions
+from engine.kernels.kinds.swiglu import SwiGLUOptions
 from tests.layouts import relayout
 
 ON_CPU = os.environ.get("ENGINE_EDGE_CASES_ON_CPU") == "1"
@@ -295,7 +296,7 @@ def test_swiglu_mlp_kernel_class(bsz, seq, hidden, inter, dtype):
     modules = {name: copy.deepcopy(base).to(dtype) for name in ("ours", "theirs")}
     modules["exact"] = copy.deepcopy(base).to(torch.float64)
     calls = {
-        "ours": lambda x_: TritonSwiGLUKernel.run(modules["ours"], NoOptions(), x_),
+        "ours": lambda x_: TritonSwiGLUKernel.run(modules["ours"], SwiGLUOptions(), x_),
         "theirs": modules["theirs"],
         "exact": modules["exact"],
     }

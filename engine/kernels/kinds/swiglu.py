@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch.utils.checkpoint import checkpoint
 
 from engine.kernels.kinds.base import (
     KernelKind,
     KernelType,
-    NoOptions,
     is_layer,
     is_silu,
     mismatch,
@@ -21,12 +23,32 @@ from engine.kernels.kinds.base import (
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
+class SwiGLUOptions(BaseModel):
+    """``recompute``: what backward recomputes instead of keeping it from forward.
+
+    ``activation`` (default): ``silu(gate) * up``, at no extra cost where the down projection is a plain linear.
+    ``projections``: gate and up as well, from the MLP's input (one more gate/up GEMM pair per backward, two
+    ``[tokens, intermediate]`` tensors less per layer), e.g. for long sequences. Eager only: under
+    ``torch.compile`` a kernel that defers to the original leaves the choice to the compiler.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    recompute: Literal["activation", "projections"] = "activation"
+
+
+def recomputed(mlp: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``mlp(x)`` keeping only ``x`` for backward, which runs ``mlp`` again (any layers: LoRA, hooked, NPU)."""
+    if not torch.is_grad_enabled():  # x may not need a gradient while the layers' weights do (LoRA)
+        return mlp(x)
+    return checkpoint(mlp, x, use_reentrant=False, preserve_rng_state=False)
+
+
 def reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The gated activation, in the input dtype like transformers."""
     return F.silu(gate) * up
 
 
-def check(module: Any, options: NoOptions) -> str | None:
+def check(module: Any, options: SwiGLUOptions) -> str | None:
     for name in PROJECTIONS:
         if not is_layer(getattr(module, name, None)):
             return f"module has no `{name}` layer"
@@ -41,7 +63,7 @@ def _in_features(layer: Any) -> int | None:
     return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
-def probe(module: Any, options: NoOptions) -> str | None:
+def probe(module: Any, options: SwiGLUOptions) -> str | None:
     twin = probe_twin(module)
     hidden = _in_features(module.gate_proj)
     if twin is None or hidden is None:
@@ -54,4 +76,4 @@ def probe(module: Any, options: NoOptions) -> str | None:
     return mismatch(got, want)
 
 
-KIND = KernelKind("swiglu", KernelType.SWIGLU, "module", ("x",), check, probe)
+KIND = KernelKind("swiglu", KernelType.SWIGLU, "module", ("x",), check, probe, SwiGLUOptions)

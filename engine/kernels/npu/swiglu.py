@@ -1,4 +1,8 @@
-"""SwiGLU MLP on Ascend through ``torch_npu.npu_swiglu`` (which activates the *first* half: the gate)."""
+"""SwiGLU MLP on Ascend through ``torch_npu.npu_swiglu`` (which activates the *first* half: the gate).
+
+``recompute: projections`` checkpoints the whole MLP (its down projection runs again in backward too): the
+memory saving of the CUDA kernel's ``engine::swiglu_mlp`` for one more GEMM.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from engine.kernels.kinds import KernelType
+from engine.kernels.kinds.swiglu import SwiGLUOptions, recomputed
 from engine.kernels.npu.base import NpuKernel, each_float, torch_npu
 from engine.kernels.npu.versions import Requirement
 
@@ -23,7 +28,13 @@ class NpuSwiGLUKernel(NpuKernel):
         return x.numel() > 0 and cls.accepts("npu_swiglu", x)  # the projections keep x's dtype
 
     @classmethod
-    def run(cls, module: nn.Module, options: BaseModel, x: torch.Tensor) -> torch.Tensor:
+    def run(cls, module: nn.Module, options: SwiGLUOptions, x: torch.Tensor) -> torch.Tensor:
+        if options.recompute == "projections":
+            return recomputed(lambda h: cls._mlp(module, h), x)
+        return cls._mlp(module, x)
+
+    @staticmethod
+    def _mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         gate_up = torch.cat((module.gate_proj(x), module.up_proj(x)), dim=-1)  # contiguous, as the op needs
         return module.down_proj(torch_npu().npu_swiglu(gate_up, dim=-1))
 

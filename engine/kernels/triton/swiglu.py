@@ -3,16 +3,17 @@
 When the down projection is a plain ``nn.Linear`` that nothing hooks, it runs inside ``engine::swiglu_linear``,
 which recomputes the activation in backward instead of keeping it (one ``[tokens, intermediate]`` tensor less
 per layer). Anything else in that place (LoRA, a quantised or hooked layer, autocast) gets the activation and
-calls the module as it is.
+calls the module as it is. With ``recompute: projections`` three plain linears run as ``engine::swiglu_mlp``
+(gate and up recomputed in backward); other layers are checkpointed as a whole MLP instead.
 """
 
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel
 from torch import nn
 
 from engine.kernels.kinds import KernelType
+from engine.kernels.kinds.swiglu import SwiGLUOptions, recomputed
 from engine.kernels.triton.base import TritonKernel
 
 
@@ -22,21 +23,34 @@ class TritonSwiGLUKernel(TritonKernel):
     under_compile = "original"  # Inductor generates this kernel too and fuses it with its neighbours
 
     @classmethod
-    def run(cls, module: nn.Module, options: BaseModel, x: torch.Tensor) -> torch.Tensor:
+    def run(cls, module: nn.Module, options: SwiGLUOptions, x: torch.Tensor) -> torch.Tensor:
+        if options.recompute == "projections":
+            from engine.kernels.triton.ops.swiglu import swiglu_mlp
+
+            gate, up, down = module.gate_proj, module.up_proj, module.down_proj
+            if _is_bare_linear(gate, x, x.shape[-1]) and _is_bare_linear(up, x, x.shape[-1]):
+                inter = gate.weight.shape[0]
+                if up.weight.shape[0] == inter and _is_bare_linear(down, x, inter):
+                    return swiglu_mlp(x, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)
+            return recomputed(lambda h: cls._activation_path(module, h), x)
+        return cls._activation_path(module, x)
+
+    @staticmethod
+    def _activation_path(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         from engine.kernels.triton.ops.swiglu import swiglu, swiglu_linear
 
         gate, up = module.gate_proj(x), module.up_proj(x)
         if gate.shape != up.shape or gate.dtype != up.dtype:
             return module.down_proj(module.act_fn(gate) * up)
         down = module.down_proj
-        if _is_bare_linear(down, gate):
+        if _is_bare_linear(down, gate, gate.shape[-1]):
             return swiglu_linear(gate, up, down.weight, down.bias)
         return down(swiglu(gate, up))
 
 
-def _is_bare_linear(layer: nn.Module, activation: torch.Tensor) -> bool:
-    """Whether calling ``layer`` is exactly ``F.linear(activation, weight, bias)``: a plain ``nn.Linear`` of the
-    activation's dtype and width, with no hook of its own or global one and no replaced forward, outside autocast."""
+def _is_bare_linear(layer: nn.Module, like: torch.Tensor, width: int) -> bool:
+    """Whether calling ``layer`` on ``width``-wide inputs of ``like``'s dtype is exactly ``F.linear(input, weight,
+    bias)``: a plain ``nn.Linear``, with no hook of its own or global one and no replaced forward, outside autocast."""
     from torch.nn.modules import module as nn_module
 
     if type(layer) is not nn.Linear or "forward" in vars(layer):
@@ -50,13 +64,14 @@ def _is_bare_linear(layer: nn.Module, activation: torch.Tensor) -> bool:
         or nn_module._global_backward_pre_hooks
     ):
         return False
-    if torch.is_autocast_enabled(activation.device.type):
+    if torch.is_autocast_enabled(like.device.type):
         return False
-    weight = layer.weight
+    weight, bias = layer.weight, layer.bias
     return (
         type(weight) in (torch.Tensor, nn.Parameter)
-        and weight.dtype == activation.dtype
-        and (weight.shape[1] == activation.shape[-1])
+        and weight.dtype == like.dtype
+        and weight.shape[1] == width
+        and (bias is None or (type(bias) in (torch.Tensor, nn.Parameter) and bias.dtype == like.dtype))
     )
 
 

@@ -5,6 +5,10 @@ activation (as wide as each of them) is recomputed by the backward pass that nee
 training step holds one ``[tokens, intermediate]`` tensor less per MLP (a quarter of a Qwen2.5 layer's saved
 activations). The GEMMs are the ones autograd runs for ``F.linear``, on the same values.
 
+``engine::swiglu_mlp`` is the whole gate/up/down MLP and keeps only its input: backward recomputes gate and
+up (one more pair of GEMMs) and writes their gradients over them, so nothing ``[tokens, intermediate]``-sized
+survives a forward pass (the ``recompute: projections`` option of the ``swiglu`` kind).
+
 The kernels stream packed elements; gate or up tensors that are not packed (a chunk of a fused gate_up
 projection, a transposed view) are copied to packed ones first. Outputs and gradients are packed.
 """
@@ -15,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton.ops.library import KernelOp, run_kernel
+from engine.kernels.triton.ops.library import KernelOp, is_real, run_kernel
 from engine.kernels.triton.runtime import cdiv
 
 BLOCK = 2048
@@ -72,12 +76,17 @@ def _backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple
 
 
 def _swiglu_backward(
-    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, recompute: bool
+    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, recompute: bool, in_place: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d gate, d up); with ``recompute``, ``dout`` (packed) then holds the forward activation."""
+    """(d gate, d up); with ``recompute``, ``dout`` (packed) then holds the forward activation. ``in_place``
+    writes the gradients over gate and up (packed, owned by the caller), on real tensors only: a traced launch
+    must not name one tensor as two arguments (see ``unused_pointer``)."""
     gate, up = gate.contiguous(), up.contiguous()
-    dgate = torch.empty_like(gate, memory_format=torch.contiguous_format)
-    dup = torch.empty_like(up, memory_format=torch.contiguous_format)
+    if in_place and is_real(gate):
+        dgate, dup = gate, up
+    else:
+        dgate = torch.empty_like(gate, memory_format=torch.contiguous_format)
+        dup = torch.empty_like(up, memory_format=torch.contiguous_format)
     n = gate.numel()
     if n:
         run_kernel(
@@ -143,6 +152,77 @@ SWIGLU_LINEAR = KernelOp(
 )
 
 
+def _mlp_forward(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    b_gate: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+) -> torch.Tensor:
+    gate = torch.nn.functional.linear(x, w_gate, b_gate)
+    up = torch.nn.functional.linear(x, w_up, b_up)
+    act = _forward(gate, up)
+    del gate, up  # gone before the down GEMM allocates its output
+    return torch.nn.functional.linear(act, w_down, b_down)
+
+
+def _mlp_backward(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    b_gate: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    w_down: torch.Tensor,
+    wanted: list[bool],
+) -> list[torch.Tensor]:
+    """Gradients for (x, w_gate, b_gate, w_up, b_up, w_down, b_down); one not ``wanted`` is an empty placeholder."""
+    want_x, want_wg, want_bg, want_wu, want_bu, want_wd, want_bd = wanted
+    x_rows = x.reshape(-1, x.shape[-1])
+    dout_rows = dout.reshape(-1, dout.shape[-1])
+    gate = torch.nn.functional.linear(x_rows, w_gate, b_gate)  # recomputed: fresh and packed
+    up = torch.nn.functional.linear(x_rows, w_up, b_up)
+    d_act = torch.mm(dout_rows, w_down)
+    dgate, dup = _swiglu_backward(d_act, gate, up, recompute=want_wd, in_place=True)
+    del gate, up  # in eager they are dgate and dup now
+    grads = [x.new_empty(0) for _ in range(7)]  # distinct: an operator's outputs may not alias each other
+    if want_wd:
+        grads[5] = torch.mm(dout_rows.t(), d_act)
+    if want_bd:
+        grads[6] = dout_rows.sum(0)
+    del d_act
+    if want_x:  # the sum autograd forms from the two projections' input gradients
+        grads[0] = torch.mm(dgate, w_gate).add_(torch.mm(dup, w_up)).view(x.shape)
+    for slot, want, grad in ((1, want_wg, dgate), (3, want_wu, dup)):
+        if want:
+            grads[slot] = torch.mm(grad.t(), x_rows)
+    for slot, want, grad in ((2, want_bg, dgate), (4, want_bu, dup)):
+        if want:
+            grads[slot] = grad.sum(0)
+    return grads
+
+
+def _mlp_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, w_gate, b_gate, w_up, b_up, w_down, b_down = inputs
+    ctx.save_for_backward(x, w_gate, b_gate, w_up, b_up, w_down)
+    ctx.has_bias = [b is not None for b in (b_gate, b_up, b_down)]
+
+
+def _mlp_backward_formula(ctx, dout):  # noqa: ANN001, ANN202
+    x, w_gate, b_gate, w_up, b_up, w_down = ctx.saved_tensors
+    has_bg, has_bu, has_bd = ctx.has_bias
+    needs = ctx.needs_input_grad
+    wanted = [needs[0], needs[1], has_bg and needs[2], needs[3], has_bu and needs[4], needs[5], has_bd and needs[6]]
+    grads = SWIGLU_MLP_BACKWARD(dout, x, w_gate, b_gate, w_up, b_up, w_down, wanted)
+    return tuple(g if want else None for g, want in zip(grads, wanted, strict=True))
+
+
+SWIGLU_MLP_BACKWARD = KernelOp("swiglu_mlp_backward", _mlp_backward)
+SWIGLU_MLP = KernelOp("swiglu_mlp", _mlp_forward, setup_context=_mlp_setup_context, backward=_mlp_backward_formula)
+
+
 def check_swiglu_args(gate: torch.Tensor, up: torch.Tensor) -> None:
     """One-line ``ValueError`` unless gate and up have one shape and one floating dtype."""
     if gate.shape != up.shape:
@@ -168,3 +248,27 @@ def swiglu_linear(
             f"{gate.shape[-1]}-wide {gate.dtype} activations"
         )
     return SWIGLU_LINEAR(gate, up, weight, bias)
+
+
+def swiglu_mlp(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear(silu(x W_gate^T + b_gate) * (x W_up^T + b_up), W_down, b_down)`` with autograd that saves only
+    ``x`` and the weights: backward recomputes both projections."""
+    hidden, inter = x.shape[-1], w_gate.shape[0]
+    for name, w, shape in (("w_gate", w_gate, (inter, hidden)), ("w_up", w_up, (inter, hidden)),
+                           ("w_down", w_down, (w_down.shape[0], inter))):  # fmt: skip
+        if w.dim() != 2 or tuple(w.shape) != shape or w.dtype != x.dtype:
+            raise ValueError(
+                f"swiglu_mlp: {name} {tuple(w.shape)} {w.dtype} does not fit {hidden}-wide {x.dtype} inputs "
+                f"and a {inter}-wide intermediate"
+            )
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"swiglu_mlp: x must be floating point, not {x.dtype}")
+    return SWIGLU_MLP(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
