@@ -145,3 +145,17 @@ def test_spec_given_as_a_dict_is_validated_like_a_file():
     ) as info:
         engine.apply(model, spec=bad)
     assert "\n" not in str(info.value)
+
+
+def test_entry_options_changed_after_validation_are_parsed_again():
+    """``model_copy(update=...)`` and assignment skip pydantic validation; the parsed options must follow."""
+    from engine.catalog import find_spec
+
+    entry = next(e for e in find_spec("qwen3").entries if e.kernel == "rms_norm")
+    assert entry.parsed_options.weight_offset == 0.0
+    copied = entry.model_copy(update={"options": {"weight_offset": 1.0, "casting": "gemma"}})
+    assert (copied.parsed_options.weight_offset, copied.parsed_options.casting) == (1.0, "gemma")
+    assert entry.parsed_options.weight_offset == 0.0  # the original keeps its own
+    copied.options["casting"] = "mistral"
+    with pytest.raises(SpecError, match=r"entry 'rms_norm' \(rms_norm\): field 'options.casting'"):
+        copied.parsed_options  # noqa: B018
