@@ -477,6 +477,27 @@ def _llama_mlp():
     return LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64)).to(DEVICE)
 
 
+def _wrap(mlp, name: str, wrapped: str) -> list[str]:
+    """Leave ``mlp.<name>`` bare, hook it, or swap in a subclass adding a path as adapters do; returns the list
+    each hook or adapter call appends to."""
+    calls: list[str] = []
+    layer = getattr(mlp, name)
+    if wrapped == "hooked":
+        layer.register_forward_hook(lambda *_: calls.append("hook"))
+    elif wrapped == "lora-like":
+        extra = torch.nn.Linear(layer.in_features, layer.out_features, bias=False).to(DEVICE)
+
+        class Adapted(torch.nn.Linear):
+            def forward(self, x):
+                calls.append("adapter")
+                return super().forward(x) + extra(x)
+
+        adapted = Adapted(layer.in_features, layer.out_features, bias=False).to(DEVICE)
+        adapted.weight = layer.weight
+        setattr(mlp, name, adapted)
+    return calls
+
+
 @pytest.mark.parametrize("wrapped", ["bare", "hooked", "lora-like"])
 def test_swiglu_kernel_class_fuses_the_down_projection_only_when_it_is_a_bare_linear(wrapped):
     """A bare ``nn.Linear`` runs inside ``swiglu_linear`` (activation not saved); a hooked or replaced layer is
@@ -484,20 +505,7 @@ def test_swiglu_kernel_class_fuses_the_down_projection_only_when_it_is_a_bare_li
     from engine.kernels.triton.swiglu import TritonSwiGLUKernel
 
     mlp = _llama_mlp()
-    calls = []
-    if wrapped == "hooked":
-        mlp.down_proj.register_forward_hook(lambda *_: calls.append("hook"))
-    elif wrapped == "lora-like":  # a subclass adding a path, as adapters do
-        extra = torch.nn.Linear(64, 32, bias=False).to(DEVICE)
-
-        class Adapted(torch.nn.Linear):
-            def forward(self, x):
-                calls.append("adapter")
-                return super().forward(x) + extra(x)
-
-        adapted = Adapted(64, 32, bias=False).to(DEVICE)
-        adapted.weight = mlp.down_proj.weight
-        mlp.down_proj = adapted
+    calls = _wrap(mlp, "down_proj", wrapped)
     x = torch.randn(2, 5, 32, device=DEVICE, requires_grad=True)
     fused = []
 
@@ -524,20 +532,7 @@ def test_swiglu_kernel_class_recompute_projections_keeps_nothing_intermediate_si
     from engine.kernels.triton.swiglu import TritonSwiGLUKernel
 
     mlp = _llama_mlp()
-    calls = []
-    if wrapped == "hooked":
-        mlp.up_proj.register_forward_hook(lambda *_: calls.append("hook"))
-    elif wrapped == "lora-like":
-        extra = torch.nn.Linear(32, 64, bias=False).to(DEVICE)
-
-        class Adapted(torch.nn.Linear):
-            def forward(self, x):
-                calls.append("adapter")
-                return super().forward(x) + extra(x)
-
-        adapted = Adapted(32, 64, bias=False).to(DEVICE)
-        adapted.weight = mlp.gate_proj.weight
-        mlp.gate_proj = adapted
+    calls = _wrap(mlp, "up_proj", "hooked") if wrapped == "hooked" else _wrap(mlp, "gate_proj", wrapped)
     params = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
     x = torch.randn(2, 5, 32, device=DEVICE, requires_grad=True)
     kept = []

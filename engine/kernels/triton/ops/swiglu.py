@@ -168,7 +168,7 @@ def _mlp_forward(
     return torch.nn.functional.linear(act, w_down, b_down)
 
 
-def _mlp_backward(
+def _mlp_backward(  # the forward's parameters again: an operator schema takes each tensor by name
     dout: torch.Tensor,
     x: torch.Tensor,
     w_gate: torch.Tensor,
