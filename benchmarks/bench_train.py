@@ -67,7 +67,7 @@ def _engine_spec(model_name: str, variant: str, lce_options: dict[str, Any] | No
 def _apply_liger(model: torch.nn.Module, model_name: str, flce: bool) -> None:
     import liger_kernel.transformers as liger
 
-    family = {"qwen3_0.6b": "qwen3", "qwen2.5_0.5b": "qwen2", "qwen3_moe_4l": "qwen3_moe"}[model_name]
+    family = spec_of(model_name)  # the engine's spec names match Liger's apply_liger_kernel_to_<family>
     getattr(liger, f"apply_liger_kernel_to_{family}")(
         rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=flce, model=model
     )

@@ -101,12 +101,27 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for spec in catalog.specs.values():
         print(f"  {spec.name} ({', '.join(spec.model_types)}) from {spec.source}")
         for entry in spec.entries:
-            manual = " [manual]" if entry.auto_register is False else ""
             devices = ", ".join(entry.devices) if entry.devices else "every device with a kernel"
-            print(f"    {entry.name}: {entry.kernel} -> {entry.target.label} on {devices}{manual}")
+            print(f"    {entry.name}: {entry.kernel} -> {entry.target.label} on {devices}{_manual_label(entry)}")
     for error in catalog.errors:
         print(f"engine: error: {_one_line(error)}", file=sys.stderr)
     return 1 if catalog.errors else 0
+
+
+def _manual_label(entry: Any) -> str:
+    """`` [manual]`` where the planner's one rule (``is_automatic``) leaves the entry to explicit use, per device."""
+    from engine.kernels.registry import REGISTRY
+    from engine.planner import is_automatic
+
+    kernels = [
+        kernel
+        for device in REGISTRY.devices_for(entry.kernel)
+        if (kernel := REGISTRY.get(entry.kernel, device)) is not None and (not entry.devices or device in entry.devices)
+    ]
+    manual_on = [str(kernel.device) for kernel in kernels if not is_automatic(entry, kernel)]
+    if not manual_on:
+        return ""
+    return " [manual]" if len(manual_on) == len(kernels) else f" [manual on {', '.join(manual_on)}]"
 
 
 def _tiny_model(name: str) -> torch.nn.Module:

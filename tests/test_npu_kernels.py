@@ -6,6 +6,7 @@ import torch
 import engine
 from engine.kernels.kinds.base import NoOptions
 from engine.kernels.kinds.rms_norm import RMSNormOptions, reference
+from engine.kernels.kinds.rope import rotate_half
 from engine.kernels.npu import (
     NpuFusedMoEKernel,
     NpuQwen2VLRoPEKernel,
@@ -92,10 +93,6 @@ def test_missing_ops_skip_or_reroute(npu_standin, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ RoPE
-def _rotate_half(x):
-    return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), dim=-1)
-
-
 def _cos_sin(batch, seq, dim, dtype=torch.float32, seed=0):
     angles = torch.randn(batch, seq, dim, generator=torch.Generator().manual_seed(seed)) * 3
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -111,7 +108,7 @@ def test_rope_keeps_q_dtype_with_fp32_cos(npu_standin):
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
     for got, x in ((q_out, q), (k_out, k)):
         assert got.dtype == BF16  # computed in fp32 (like models that keep cos/sin fp32), cast back
-        torch.testing.assert_close(got, (x.float() * c + _rotate_half(x.float()) * s).to(BF16), rtol=0, atol=0)
+        torch.testing.assert_close(got, (x.float() * c + rotate_half(x.float()) * s).to(BF16), rtol=0, atol=0)
 
 
 def test_rope_partial_rotary_rotates_the_first_part(npu_standin):
@@ -121,7 +118,7 @@ def test_rope_partial_rotary_rotates_the_first_part(npu_standin):
     q_out, k_out = NpuRoPEKernel.run(None, NoOptions(), q, k, cos, sin, 1)
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
     for got, x in ((q_out, q), (k_out, k)):  # transformers' partial-rotary models (phi, glm, ...)
-        want = torch.cat((x[..., :8] * c + _rotate_half(x[..., :8]) * s, x[..., 8:]), dim=-1)
+        want = torch.cat((x[..., :8] * c + rotate_half(x[..., :8]) * s, x[..., 8:]), dim=-1)
         torch.testing.assert_close(got, want)
 
 
@@ -130,7 +127,7 @@ def test_rope_bsnd_layout(npu_standin):
     cos, sin = _cos_sin(1, 5, 16)
     q_out, _ = NpuRoPEKernel.run(None, NoOptions(), q, k, cos, sin, 2)
     c, s = cos.unsqueeze(2), sin.unsqueeze(2)
-    torch.testing.assert_close(q_out, q * c + _rotate_half(q) * s)
+    torch.testing.assert_close(q_out, q * c + rotate_half(q) * s)
 
 
 @pytest.mark.parametrize(

@@ -5,25 +5,41 @@ import engine
 from engine.device import DeviceType, detect_device, validate_device
 from engine.errors import UnknownKernelError
 from engine.kernels.base import MetaKernel
-from engine.kernels.registry import REGISTRY
-
-
-@pytest.mark.parametrize(
-    "cls, kernel_type, kind, device",
-    [
-        (engine.NpuRMSNormKernel, "rmsnorm", "rms_norm", "npu"),
-        (engine.NpuSwiGluKernel, "swiglu", "swiglu", "npu"),
-        (engine.NpuRoPEKernel, "rope", "rope", "npu"),
-        (engine.NpuQwen2VLRoPEKernel, "rope", "vision_rope", "npu"),
-        (engine.NpuMoEFusedMoEKernel, "moe", "fused_moe", "npu"),
-        (engine.TritonRMSNormKernel, "rmsnorm", "rms_norm", "cuda"),
-        (engine.TritonSwiGLUKernel, "swiglu", "swiglu", "cuda"),
-        (engine.TritonRoPEKernel, "rope", "rope", "cuda"),
-        (engine.TritonVisionRoPEKernel, "rope", "vision_rope", "cuda"),
-        (engine.TritonMRoPEKernel, "rope", "mrope", "cuda"),
-        (engine.TritonFusedMoEKernel, "moe", "fused_moe", "cuda"),
-    ],
+from engine.kernels.npu.linear_cross_entropy import NpuLinearCrossEntropyKernel
+from engine.kernels.portable.linear_cross_entropy import (
+    CpuLinearCrossEntropyKernel,
+    MpsLinearCrossEntropyKernel,
+    XpuLinearCrossEntropyKernel,
 )
+from engine.kernels.registry import REGISTRY
+from engine.kernels.triton.linear_cross_entropy import TritonLinearCrossEntropyKernel
+
+SHIPPED = [
+    (engine.NpuRMSNormKernel, "rmsnorm", "rms_norm", "npu"),
+    (engine.NpuSwiGluKernel, "swiglu", "swiglu", "npu"),
+    (engine.NpuRoPEKernel, "rope", "rope", "npu"),
+    (engine.NpuQwen2VLRoPEKernel, "rope", "vision_rope", "npu"),
+    (engine.NpuMoEFusedMoEKernel, "moe", "fused_moe", "npu"),
+    (engine.TritonRMSNormKernel, "rmsnorm", "rms_norm", "cuda"),
+    (engine.TritonSwiGLUKernel, "swiglu", "swiglu", "cuda"),
+    (engine.TritonRoPEKernel, "rope", "rope", "cuda"),
+    (engine.TritonVisionRoPEKernel, "rope", "vision_rope", "cuda"),
+    (engine.TritonMRoPEKernel, "rope", "mrope", "cuda"),
+    (engine.TritonFusedMoEKernel, "moe", "fused_moe", "cuda"),
+    (TritonLinearCrossEntropyKernel, "linear_cross_entropy", "linear_cross_entropy", "cuda"),
+    (NpuLinearCrossEntropyKernel, "linear_cross_entropy", "linear_cross_entropy", "npu"),
+    (CpuLinearCrossEntropyKernel, "linear_cross_entropy", "linear_cross_entropy", "cpu"),
+    (MpsLinearCrossEntropyKernel, "linear_cross_entropy", "linear_cross_entropy", "mps"),
+    (XpuLinearCrossEntropyKernel, "linear_cross_entropy", "linear_cross_entropy", "xpu"),
+]
+
+
+def test_the_table_below_covers_every_shipped_kernel_class():
+    shipped = {k for k in REGISTRY.all() if k.__module__.startswith("engine.")}
+    assert shipped == {row[0] for row in SHIPPED}
+
+
+@pytest.mark.parametrize("cls, kernel_type, kind, device", SHIPPED)
 def test_shipped_kernels_declare_seed_types_and_register(cls, kernel_type, kind, device):
     assert issubclass(cls, MetaKernel)
     assert (cls.type, cls.kind, cls.device) == (kernel_type, kind, device)

@@ -45,7 +45,11 @@ def test_cli_validate_list_plan_schema(capsys, tmp_path):
     assert main(["validate", str(bad)]) == 1
     assert "unknown kernel 'nope'" in capsys.readouterr().err
     assert main(["list"]) == 0
-    assert "NpuFusedMoEKernel" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "NpuFusedMoEKernel" in out
+    lines = {line.split(":")[0].strip(): line for line in out.splitlines() if " -> " in line}
+    assert lines["vision_rope"].endswith("[manual]")  # manual by its kernel classes, not by the entry
+    assert lines["fused_moe"].endswith("[manual]") and not lines["rms_norm"].endswith("]")  # by the entry; automatic
     assert main(["plan", "qwen3_moe", "--device", "npu", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["device"] == "npu" and any("torch_npu" in s["reason"] for s in data["skipped"])

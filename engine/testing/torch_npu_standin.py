@@ -230,7 +230,10 @@ _autograd("npu_swiglu", _swiglu_setup, _swiglu_grad)
 
 # --------------------------------------------------------------------------------------------- npu_rotary_mul
 def _rotate(x: torch.Tensor, mode: str) -> torch.Tensor:
-    """half: ``cat(-x2, x1)`` of the two halves; interleave: ``rot[2i] = -x[2i+1], rot[2i+1] = x[2i]``."""
+    """half: ``cat(-x2, x1)`` of the two halves; interleave: ``rot[2i] = -x[2i+1], rot[2i+1] = x[2i]``.
+
+    Written from torch_npu's documents, not imported from ``kinds/rope.py``: the stand-in must not share code
+    with what it checks."""
     if mode == "half":
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
