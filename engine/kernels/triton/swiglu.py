@@ -25,27 +25,34 @@ class TritonSwiGLUKernel(TritonKernel):
     @classmethod
     def run(cls, module: nn.Module, options: SwiGLUOptions, x: torch.Tensor) -> torch.Tensor:
         if options.recompute == "projections":
-            from engine.kernels.triton.ops.swiglu import swiglu_mlp
+            if _plain_projections(module, x):
+                from engine.kernels.triton.ops.swiglu import SWIGLU_MLP  # checked: _plain_projections
 
-            gate, up, down = module.gate_proj, module.up_proj, module.down_proj
-            if _is_bare_linear(gate, x, x.shape[-1]) and _is_bare_linear(up, x, x.shape[-1]):
-                inter = gate.weight.shape[0]
-                if up.weight.shape[0] == inter and _is_bare_linear(down, x, inter):
-                    return swiglu_mlp(x, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)
+                gate, up, down = module.gate_proj, module.up_proj, module.down_proj
+                return SWIGLU_MLP(x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias)
             return recomputed(lambda h: cls._activation_path(module, h), x)
         return cls._activation_path(module, x)
 
     @staticmethod
     def _activation_path(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        from engine.kernels.triton.ops.swiglu import swiglu, swiglu_linear
+        from engine.kernels.triton.ops.swiglu import SWIGLU_LINEAR, swiglu
 
         gate, up = module.gate_proj(x), module.up_proj(x)
         if gate.shape != up.shape or gate.dtype != up.dtype:
             return module.down_proj(module.act_fn(gate) * up)
         down = module.down_proj
-        if _is_bare_linear(down, gate, gate.shape[-1]):
-            return swiglu_linear(gate, up, down.weight, down.bias)
+        if _is_bare_linear(down, gate, gate.shape[-1]):  # with the line above: what swiglu_linear checks
+            return SWIGLU_LINEAR(gate, up, down.weight, down.bias)
         return down(swiglu(gate, up))
+
+
+def _plain_projections(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether gate, up and down are bare linears of x's dtype with matching widths (what swiglu_mlp checks)."""
+    gate, up, down = module.gate_proj, module.up_proj, module.down_proj
+    if not (_is_bare_linear(gate, x, x.shape[-1]) and _is_bare_linear(up, x, x.shape[-1])):
+        return False
+    inter = gate.weight.shape[0]
+    return up.weight.shape[0] == inter and _is_bare_linear(down, x, inter)
 
 
 def _is_bare_linear(layer: nn.Module, like: torch.Tensor, width: int) -> bool:
