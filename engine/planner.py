@@ -7,7 +7,6 @@ target: a target that does not fit, whose probe disagrees or whose check or prob
 from __future__ import annotations
 
 import importlib
-import inspect
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from torch import nn
 
 from engine.binding import Binder, binder_for
 from engine.kernels.kinds import KINDS, KernelKind
-from engine.kernels.kinds.base import simulation_note
+from engine.kernels.kinds.base import code_names, simulation_note
 from engine.kernels.registry import REGISTRY
 from engine.patching import PatchedCall, patched_call_of
 from engine.report import SkippedItem
@@ -99,12 +98,6 @@ def class_matches(module: nn.Module, wanted: str) -> bool:
     return False
 
 
-def _references(code: types.CodeType, name: str) -> bool:
-    if name in code.co_names:
-        return True
-    return any(isinstance(c, types.CodeType) and _references(c, name) for c in code.co_consts)
-
-
 def _model_calls(model: nn.Module, owner: str, attr: str) -> str | None:
     """Why the model never calls ``owner.attr`` (judged from its classes' code), or ``None`` when it does."""
     classes = {cls for m in model.modules() for cls in type(m).__mro__ if cls.__module__ == owner}
@@ -113,8 +106,7 @@ def _model_calls(model: nn.Module, owner: str, attr: str) -> str | None:
     for cls in classes:
         for value in vars(cls).values():
             fn = getattr(value, "__func__", value)
-            code = getattr(inspect.unwrap(fn) if callable(fn) else fn, "__code__", None)
-            if code is not None and _references(code, attr):
+            if callable(fn) and attr in code_names(fn):
                 return None
     return f"no {owner} class the model uses calls {attr}"
 
@@ -202,7 +194,7 @@ class Planner:
         if isinstance(resolved, str):
             return self._skip(spec, entry, resolved)
         owner, attr, fn = resolved
-        unused = _model_calls(self.model, owner.__name__, attr)
+        unused = (kind.used_by or _model_calls)(self.model, owner.__name__, attr)
         if unused:
             return self._skip(spec, entry, unused)
         options = entry.parsed_options

@@ -28,6 +28,7 @@ KERNELS = {
     "mrope": {"_mrope_cos_sin"},
     "fused_moe": {"_row_gemm", "_expert_wgrad", "_gather_sum_kernel"},
     "linear_cross_entropy": {"_chunk_loss_kernel"},
+    "sdpa_is_causal": set(),  # a decision in Python, no launch (its effect is under compile: test_sdpa_is_causal)
 }
 EXERCISED = {  # kinds a text-only batch does not reach: the Qwen2-VL vision tower's RoPE
     family: {e.kernel for e in find_spec(family).entries} - {"vision_rope"} for family in tiny_models.TINY_MODELS

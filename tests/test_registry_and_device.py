@@ -11,9 +11,23 @@ from engine.kernels.portable.linear_cross_entropy import (
     MpsLinearCrossEntropyKernel,
     XpuLinearCrossEntropyKernel,
 )
+from engine.kernels.portable.sdpa_is_causal import (
+    CpuSdpaIsCausalKernel,
+    CudaSdpaIsCausalKernel,
+    MpsSdpaIsCausalKernel,
+    NpuSdpaIsCausalKernel,
+    XpuSdpaIsCausalKernel,
+)
 from engine.kernels.registry import REGISTRY
 from engine.kernels.triton.linear_cross_entropy import TritonLinearCrossEntropyKernel
 
+SDPA_IS_CAUSAL = (
+    CudaSdpaIsCausalKernel,
+    NpuSdpaIsCausalKernel,
+    CpuSdpaIsCausalKernel,
+    XpuSdpaIsCausalKernel,
+    MpsSdpaIsCausalKernel,
+)
 SHIPPED = [
     (engine.NpuRMSNormKernel, "rmsnorm", "rms_norm", "npu"),
     (engine.NpuSwiGluKernel, "swiglu", "swiglu", "npu"),
@@ -31,6 +45,7 @@ SHIPPED = [
     (CpuLinearCrossEntropyKernel, "linear_cross_entropy", "linear_cross_entropy", "cpu"),
     (MpsLinearCrossEntropyKernel, "linear_cross_entropy", "linear_cross_entropy", "mps"),
     (XpuLinearCrossEntropyKernel, "linear_cross_entropy", "linear_cross_entropy", "xpu"),
+    *((cls, "attention", "sdpa_is_causal", cls.device.value) for cls in SDPA_IS_CAUSAL),
 ]
 
 

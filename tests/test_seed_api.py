@@ -140,10 +140,10 @@ def test_discover_kernels_without_a_model_lists_this_devices_registered_kernels(
     accelerator("npu")
     npu = discover_kernels()
     seed_kernels = {"NpuRMSNormKernel", "NpuSwiGLUKernel", "NpuRoPEKernel", "NpuFusedMoEKernel"}
-    assert {k.__name__ for k in npu} == seed_kernels | {"NpuLinearCrossEntropyKernel"}
+    assert {k.__name__ for k in npu} == seed_kernels | {"NpuLinearCrossEntropyKernel", "NpuSdpaIsCausalKernel"}
     assert engine.NpuQwen2VLRoPEKernel not in npu  # auto_register = False: not registered
-    accelerator(None)  # no accelerator: cpu, where only the portable linear cross-entropy is registered
-    assert [k.kind for k in discover_kernels()] == ["linear_cross_entropy"]
+    accelerator(None)  # no accelerator: cpu, where only the portable kernels are registered
+    assert [k.kind for k in discover_kernels()] == ["linear_cross_entropy", "sdpa_is_causal"]
 
 
 def test_apply_kernel_of_another_device_is_a_value_error_naming_detected_device(accelerator):

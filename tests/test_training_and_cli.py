@@ -14,7 +14,13 @@ def test_training_yaml_use_v1_kernels_applies_all_available(tmp_path, npu_standi
     model = tiny_models.build("qwen3_moe")
     handle = apply_training_config(model, config)
     assert handle is not None
-    assert {p.entry for p in handle.report.patched} == {"rms_norm", "swiglu", "rope", "linear_cross_entropy"}
+    assert {p.entry for p in handle.report.patched} == {
+        "rms_norm",
+        "swiglu",
+        "rope",
+        "sdpa_is_causal",
+        "linear_cross_entropy",
+    }
     assert any(s.entry == "fused_moe" for s in handle.report.skipped)
     handle.revert()
 
@@ -65,4 +71,5 @@ def test_cli_plan_from_config_on_meta_weights(tmp_path, capsys, npu_standin):
     tiny_models.build("qwen3_moe").config.save_pretrained(tmp_path)
     assert main(["plan", "--config", str(tmp_path), "--device", "npu", "--manual", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert {p["entry"] for p in data["patched"]} == {"rms_norm", "swiglu", "rope", "fused_moe", "linear_cross_entropy"}
+    entries = {"rms_norm", "swiglu", "rope", "fused_moe", "sdpa_is_causal", "linear_cross_entropy"}
+    assert {p["entry"] for p in data["patched"]} == entries

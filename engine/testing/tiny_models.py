@@ -41,7 +41,7 @@ MOE = dict(  # the shared expert layout of the tiny MoE decoders: layer 0 sparse
 
 
 def _causal(config) -> nn.Module:
-    config._attn_implementation = "eager"
+    config._attn_implementation = "sdpa"
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -79,7 +79,7 @@ def qwen2_vl() -> nn.Module:
         in_channels=3,
     )
     config = Qwen2VLConfig(text_config=text, vision_config=vision)
-    config._attn_implementation = "eager"
+    config._attn_implementation = "sdpa"
     return Qwen2VLForConditionalGeneration(config)
 
 
@@ -108,7 +108,7 @@ def qwen3_vl_moe() -> nn.Module:
         deepstack_visual_indexes=[0],
     )
     config = Qwen3VLMoeConfig(text_config=text, vision_config=vision)
-    config._attn_implementation = "eager"
+    config._attn_implementation = "sdpa"
     return Qwen3VLMoeForConditionalGeneration(config)
 
 

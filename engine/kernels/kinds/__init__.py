@@ -21,13 +21,14 @@ def _discover() -> dict[str, KernelKind]:
 
 
 KINDS: dict[str, KernelKind] = _discover()
-# Each seed KernelType's own kind: what a kernel class declaring only `type` serves.
+# Each KernelType's own kind: what a kernel class declaring only `type` serves.
 DEFAULT_KIND: dict[KernelType, str] = {
     KernelType.RMSNORM: "rms_norm",
     KernelType.SWIGLU: "swiglu",
     KernelType.ROPE: "rope",
     KernelType.MOE: "fused_moe",
     KernelType.LINEAR_CROSS_ENTROPY: "linear_cross_entropy",
+    KernelType.ATTENTION: "sdpa_is_causal",
 }
 
 

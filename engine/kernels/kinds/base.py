@@ -9,6 +9,8 @@ input and returns a reason when they disagree, so a spec that declares the wrong
 
 from __future__ import annotations
 
+import inspect
+import types
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,13 +24,14 @@ from engine.device import ValueEnum
 
 
 class KernelType(ValueEnum):
-    """The seed's kernel types; each spec kernel kind maps onto one (see the README's table)."""
+    """The seed's kernel types (plus ATTENTION); each spec kernel kind maps onto one (see the README's table)."""
 
     RMSNORM = "rmsnorm"
     SWIGLU = "swiglu"
     ROPE = "rope"
     MOE = "moe"
     LINEAR_CROSS_ENTROPY = "linear_cross_entropy"
+    ATTENTION = "attention"  # beyond the seed: how attention is dispatched (sdpa_is_causal)
 
 
 class NoOptions(BaseModel):
@@ -47,7 +50,9 @@ class KernelKind:
     ``params`` names the target's call parameters a kernel receives, in order; a call that sets any other
     parameter to a non-default value runs the original. ``None`` hands the kernel the raw call instead.
     ``fits``, where set, is the per-call condition every device's kernel of the kind shares (the default
-    ``MetaKernel.supports``); a call it refuses runs the original.
+    ``MetaKernel.supports``); a call it refuses runs the original. ``used_by``, for function targets, says why a
+    model never calls the function (``None``: it does); by default, no class from the function's own module
+    references it.
     """
 
     name: str
@@ -58,6 +63,7 @@ class KernelKind:
     probe: Check
     options: type[BaseModel] = NoOptions
     fits: Callable[..., bool] | None = None
+    used_by: Callable[[nn.Module, str, str], str | None] | None = None
 
 
 # Probes run in the target's own dtype; a semantic mistake gives O(1) errors, rounding far less.
@@ -86,6 +92,19 @@ def probe_tensor(*shape: int, seed: int = 0, like: torch.Tensor | None = None) -
     """Seeded normal values in fp32 (then ``like``'s device and dtype)."""
     t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     return t if like is None else t.to(device=like.device, dtype=like.dtype)
+
+
+def code_names(fn: Any) -> set[str]:
+    """Every global and attribute name the (unwrapped) function's code and its nested code reads: what the
+    planner and the kinds' checks use to tell whether code calls a function or reads a config field."""
+    names: set[str] = set()
+    pending = [getattr(inspect.unwrap(fn), "__code__", None)]
+    while pending:
+        code = pending.pop()
+        if isinstance(code, types.CodeType):
+            names.update(code.co_names)
+            pending += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    return names
 
 
 _SILU_PROBE = torch.linspace(-6.0, 6.0, 25)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import types
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from engine.kernels.kinds.base import KernelKind, KernelType, mismatch, probe_twin
+from engine.kernels.kinds.base import KernelKind, KernelType, code_names, mismatch, probe_twin
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_MIB = 1024  # H100, N=8192 V=151936 H=1024 fwd+bwd: 15.3 ms at 1024 MiB, 21.2 at 256 (bench_lce)
@@ -216,18 +215,6 @@ def fused_forward(
     return type(output)(loss=loss, **fields)
 
 
-def _code_names(fn: Any) -> set[str]:
-    """Every global and attribute name the (unwrapped) function's code and its nested code reads."""
-    names: set[str] = set()
-    pending = [getattr(inspect.unwrap(fn), "__code__", None)]
-    while pending:
-        code = pending.pop()
-        if isinstance(code, types.CodeType):
-            names.update(code.co_names)
-            pending += [c for c in code.co_consts if isinstance(c, types.CodeType)]
-    return names
-
-
 def check(model: Any, options: LinearCrossEntropyOptions) -> str | None:
     from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -249,7 +236,7 @@ def check(model: Any, options: LinearCrossEntropyOptions) -> str | None:
     vocab = text_config_value(model, "vocab_size")
     if vocab is not None and int(vocab) != head.weight.shape[0]:
         return f"config vocab_size {vocab} differs from the head's {head.weight.shape[0]} rows"
-    names = _code_names(type(model).forward)
+    names = code_names(type(model).forward)
     if "loss_function" not in names:
         return f"{type(model).__name__}.forward does not compute transformers' loss_function"
     if softcap_of(model) is not None and "final_logit_softcapping" not in names:
