@@ -4,7 +4,9 @@
     torchrun --nproc-per-node 2 tests/distributed/fsdp2_parity.py --device cpu          # gloo, NPU stand-in
 
 Each variant trains the same model from the same seed for ``--steps`` steps (AdamW), sharded per decoder layer
-and then at the root. Rank 0 writes per-variant losses and median step times as JSON.
+and then at the root. Rank 0 writes per-variant losses and median step times as JSON. ``--noise-floor`` adds an
+unpatched run with transformers' eager attention instead of SDPA: how far two implementations that transformers
+itself ships drift apart in the same dtype, the scale against which the patched runs' gaps are read.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import engine
 from engine.testing import tiny_models
 
 VARIANTS = ("unpatched", "patch_before_shard", "patch_after_shard")
+NOISE_FLOOR = "unpatched_eager_attention"
 
 
 def build(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -50,6 +53,8 @@ def build(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
 
 def run(variant: str, args: argparse.Namespace, mesh, device: torch.device) -> dict:
     model = build(args.model, device.type, getattr(torch, args.dtype)).to(device)
+    if variant == NOISE_FLOOR:
+        model.set_attn_implementation("eager")
     spec = "qwen3"
     if variant == "patch_before_shard":
         engine.apply(model, spec=spec, verbose=False)
@@ -59,7 +64,7 @@ def run(variant: str, args: argparse.Namespace, mesh, device: torch.device) -> d
     report = None
     if variant == "patch_after_shard":
         report = engine.apply(model, spec=spec, verbose=False).report
-    if variant != "unpatched":
+    if variant.startswith("patch"):
         report = report or engine.kernel_report(model)
         assert {p.entry for p in report.patched} >= {"rms_norm", "swiglu", "rope"}, report.summary()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -93,6 +98,7 @@ def main() -> None:
     parser.add_argument(
         "--dtype", choices=["bfloat16", "float32"], help="parameters' dtype (default: fp32 tiny, bf16 qwen3_8l)"
     )
+    parser.add_argument("--noise-floor", action="store_true", help=f"also run {NOISE_FLOOR} (see the docstring)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     args.dtype = args.dtype or ("float32" if args.model == "tiny" else "bfloat16")
@@ -111,11 +117,12 @@ def main() -> None:
         standin = torch_npu_standin()
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     with standin:
-        results = {variant: run(variant, args, mesh, device) for variant in VARIANTS}
+        variants = (*VARIANTS, NOISE_FLOOR) if args.noise_floor else VARIANTS
+        results = {variant: run(variant, args, mesh, device) for variant in variants}
     dist.barrier()
     if rank == 0:
         base = results["unpatched"]["losses"]
-        gaps = {  # the largest relative gap of each patched run's losses to the unpatched sharded run's
+        gaps = {  # the largest relative gap of each other run's losses to the unpatched sharded run's
             variant: max(abs(a - b) / abs(b) for a, b in zip(result["losses"], base, strict=True))
             for variant, result in results.items()
             if variant != "unpatched"
