@@ -35,6 +35,7 @@ VARIANTS = {
     "transformers+compile": "torch.compile(model) of the unpatched model",
     "engine+compile": "engine kernels, then torch.compile(model)",
     "engine+lce+compile": "engine kernels with linear cross-entropy, then torch.compile(model)",
+    "engine+nomoe+compile": "engine kernels without the (manual) fused MoE entry, then torch.compile(model)",
     "liger": "Liger-Kernel RMSNorm/SwiGLU/RoPE",
     "liger+flce": "Liger-Kernel RMSNorm/SwiGLU/RoPE + fused linear cross-entropy",
 }
@@ -44,7 +45,8 @@ DEFAULT_VARIANTS = ["transformers", "engine", "transformers+compile", "engine+co
 def _engine_spec(model_name: str, variant: str, lce_options: dict[str, Any] | None = None):
     """The model's built-in spec as ``variant`` asks for it: without its linear cross-entropy entry unless
     ``+lce`` (then with ``lce_options`` over the entry's own options); with ``+recompute``, the SwiGLU entry
-    recomputes its projections in backward. Changed entries are validated again, like a spec file."""
+    recomputes its projections in backward; ``+nomoe`` leaves the fused MoE entry out. Changed entries are
+    validated again, like a spec file."""
     from engine.catalog import find_spec
     from engine.spec import SpecEntry
 
@@ -56,6 +58,8 @@ def _engine_spec(model_name: str, variant: str, lce_options: dict[str, Any] | No
             if "+lce" not in variant:
                 continue
             extra = lce_options or {}
+        if entry.kernel == "fused_moe" and "+nomoe" in variant:
+            continue
         if entry.kernel == "swiglu" and "+recompute" in variant:
             extra = {"recompute": "projections"}
         if extra:
@@ -196,6 +200,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             ("engine", "transformers"),
             ("engine+compile", "transformers+compile"),
             ("engine+lce+compile", "transformers+compile"),
+            ("engine+nomoe+compile", "transformers+compile"),
             ("engine+lce", "engine"),
             ("engine+lce", "liger+flce"),
             ("engine+lce+recompute", "engine"),
