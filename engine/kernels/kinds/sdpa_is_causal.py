@@ -14,9 +14,9 @@ answer as an eager call (:func:`reference`). Calls with a padding mask, a tensor
 transformers' own code. The probe checks, out of tracing, that transformers' answers equal :func:`reference`
 for every length combination it covers, so a transformers release that changes the rule is refused.
 
-Not covered: calls where transformers never asks (a model passing ``position_ids`` without a cache under
-compile first builds a packed-sequence mask, e.g. gradient checkpointing with ``use_cache=False``; see the
-README's known limits).
+Not covered: compiled calls where transformers never asks. Without a cache (``use_cache=False``, as under
+gradient checkpointing) a decoder checks its position ids for packed sequences first; while tracing it cannot
+read them, so it builds a packed-sequence mask even for the positions it generated itself (README, known limits).
 """
 
 from __future__ import annotations
