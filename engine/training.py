@@ -26,8 +26,7 @@ from engine.device import validate_device
 from engine.errors import SpecError
 from engine.patching import PatchHandle
 from engine.spec.allow import normalize
-from engine.spec.documents import parse_yaml, read_text
-from engine.spec.loading import problem_text
+from engine.spec.documents import parse_yaml, problem_text, read_text
 
 
 class KernelTrainingOptions(BaseModel):

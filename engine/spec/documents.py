@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic_core import ErrorDetails
 from yaml.composer import ComposerError
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, SequenceNode
@@ -29,6 +30,11 @@ else:  # pragma: no cover
 def one_line(text: object) -> str:
     """``text`` with its line breaks and runs of spaces folded into single spaces."""
     return " ".join(str(text).split())
+
+
+def problem_text(error: ErrorDetails) -> str:
+    """One pydantic error's message in one line, without pydantic's "Value error, " prefix."""
+    return one_line(error["msg"]).removeprefix("Value error, ")
 
 
 def read_text(path: Path, limits: SpecLimits = DEFAULT_LIMITS) -> str:

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from pydantic_core import ErrorDetails
 
 from engine.errors import SpecError
 from engine.spec.allow import ALLOW_FILE, folder_allowance, normalize
-from engine.spec.documents import one_line, parse_toml, parse_yaml, read_text
+from engine.spec.documents import parse_toml, parse_yaml, problem_text, read_text
 from engine.spec.limits import DEFAULT_LIMITS, SpecLimits
 from engine.spec.models import KernelSpec
 from engine.spec.template import render_template
@@ -27,11 +26,6 @@ SPEC_SUFFIXES = (".yaml", ".yml", ".toml", ".yaml.j2", ".yml.j2")
 def is_spec_file(path: Path) -> bool:
     """A file the catalog loads as a spec (the folder's allow-list file is not one)."""
     return path.name.endswith(SPEC_SUFFIXES) and path.name != ALLOW_FILE
-
-
-def problem_text(error: ErrorDetails) -> str:
-    """One pydantic error's message in one line, without pydantic's "Value error, " prefix."""
-    return one_line(error["msg"]).removeprefix("Value error, ")
 
 
 def _describe_location(raw: dict[str, Any], loc: tuple[Any, ...]) -> str:

@@ -25,7 +25,7 @@ from engine.device import DeviceType
 from engine.errors import SpecError
 from engine.kernels.kinds import KINDS
 from engine.spec.allow import ALWAYS_ALLOWED, DOTTED_PATH, normalize, path_problem, refusal
-from engine.spec.documents import one_line
+from engine.spec.documents import problem_text
 
 NAME_PATTERN = r"^[a-z0-9_\-\.]+$"
 
@@ -144,7 +144,7 @@ class SpecEntry(BaseModel):
                 self._parse_options()
             except ValidationError as exc:
                 problems = "; ".join(
-                    f"field 'options.{'.'.join(map(str, err['loc']))}': {one_line(err['msg'])}" for err in exc.errors()
+                    f"field 'options.{'.'.join(map(str, err['loc']))}': {problem_text(err)}" for err in exc.errors()
                 )
                 raise SpecError(f"entry {self.name!r} ({self.kernel}): {problems}") from None
         assert self._parsed_options is not None
