@@ -20,7 +20,7 @@ from torch import nn
 
 from engine.binding import Binder, binder_for
 from engine.kernels.kinds import KINDS, KernelKind
-from engine.kernels.kinds.base import code_names, simulation_note
+from engine.kernels.kinds.base import methods_read, simulation_note
 from engine.kernels.registry import REGISTRY
 from engine.patching import PatchedCall, patched_call_of
 from engine.report import SkippedItem
@@ -103,11 +103,8 @@ def _model_calls(model: nn.Module, owner: str, attr: str) -> str | None:
     classes = {cls for m in model.modules() for cls in type(m).__mro__ if cls.__module__ == owner}
     if not classes:
         return f"the model has no module from {owner}, so it never calls {attr}"
-    for cls in classes:
-        for value in vars(cls).values():
-            fn = getattr(value, "__func__", value)
-            if callable(fn) and attr in code_names(fn):
-                return None
+    if methods_read(classes, [attr]):
+        return None
     return f"no {owner} class the model uses calls {attr}"
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import types
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -105,6 +105,17 @@ def code_names(fn: Any) -> set[str]:
             names.update(code.co_names)
             pending += [c for c in code.co_consts if isinstance(c, types.CodeType)]
     return names
+
+
+def methods_read(classes: Iterable[type], names: Iterable[str]) -> bool:
+    """Whether a method of any of ``classes`` (its own code, see :func:`code_names`) reads one of ``names``."""
+    wanted = set(names)
+    for cls in classes:
+        for value in vars(cls).values():
+            fn = getattr(value, "__func__", value)
+            if callable(fn) and not code_names(fn).isdisjoint(wanted):
+                return True
+    return False
 
 
 _SILU_PROBE = torch.linspace(-6.0, 6.0, 25)

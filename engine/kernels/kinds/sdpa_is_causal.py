@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.kernels.kinds.base import KernelKind, KernelType, NoOptions, code_names
+from engine.kernels.kinds.base import KernelKind, KernelType, NoOptions, methods_read
 
 PARAMS = ("padding_mask", "q_length", "kv_length", "q_offset", "kv_offset", "local_attention_size")
 # transformers' callers of the target: a model whose code references none of them never asks the question
@@ -104,11 +104,9 @@ def used_by(model: nn.Module, owner: str, attr: str) -> str | None:
     attention = attention_of(model)
     if attention != "sdpa":
         return f"model attention is {attention!r}, not 'sdpa': {attr} is never asked"
-    for cls in {c for m in model.modules() for c in type(m).__mro__ if c.__module__.startswith("transformers.")}:
-        for value in vars(cls).values():
-            fn = getattr(value, "__func__", value)
-            if callable(fn) and not code_names(fn).isdisjoint(MASK_BUILDERS):
-                return None
+    classes = {c for m in model.modules() for c in type(m).__mro__ if c.__module__.startswith("transformers.")}
+    if methods_read(classes, MASK_BUILDERS):
+        return None
     return f"no class of the model builds masks with {' / '.join(MASK_BUILDERS)}"
 
 
