@@ -99,6 +99,17 @@ def op_cases() -> dict[str, tuple]:
             ],
             (0, 1, 2, 4),
         ),
+        "fused_moe_bf16": (  # on Hopper its expert GEMMs are torch._grouped_mm (moe_grouped), elsewhere Triton's
+            moe_ops.fused_moe,
+            [
+                _randn(tokens, 32, dtype=torch.bfloat16),
+                _randn(experts, 32, 32, seed=1, scale=0.2, dtype=torch.bfloat16),
+                _randn(experts, 32, 16, seed=2, scale=0.2, dtype=torch.bfloat16),
+                index,
+                torch.rand(tokens, top_k, generator=gen).to(DEVICE, torch.bfloat16),
+            ],
+            (0, 1, 2, 4),
+        ),
     }
 
 
@@ -319,6 +330,7 @@ EXPECTED_KERNELS = {
     "vision_rope": {"_rope_kernel"},
     "mrope_cos_sin": {"_mrope_cos_sin"},
     "fused_moe": {"_row_gemm", "_gather_sum_kernel", "_expert_wgrad"},
+    "fused_moe_bf16": {"_row_gemm", "_gather_sum_kernel", "_expert_wgrad"},  # the trace runs on a CPU: no Hopper
 }
 
 

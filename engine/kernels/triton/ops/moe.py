@@ -9,6 +9,8 @@ No host sync (routing is device-side), no weight copies or transposes (weights a
 int64 offsets everywhere. Every tensor argument may have any strides. Tiles are chosen per element size within
 the device's shared memory (``moe_tiles.py``). The operators are ``engine::fused_moe`` and
 ``engine::fused_moe_backward``; routing and the routing-weight gather are plain torch ops around them.
+bf16 calls on Hopper take ``moe_grouped.py`` instead: the same steps with CUTLASS GEMMs and the epilogues
+as row kernels (``moe_rows.py``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import triton
 import triton.language as tl
 
 from engine.kernels.triton.moe_tiles import MoETiles, choose_tiles, preferred_block_m
+from engine.kernels.triton.ops import moe_grouped
 from engine.kernels.triton.ops.library import KernelOp, run_kernel, unused_pointer
 from engine.kernels.triton.ops.moe_routing import Routing, route
+from engine.kernels.triton.ops.moe_rows import gather_sum
 from engine.kernels.triton.ops.swiglu import silu_mul, silu_mul_backward
 from engine.kernels.triton.runtime import cdiv, interpreting, next_power_of_2, shared_memory_limit
 
@@ -218,19 +222,6 @@ def _expert_wgrad(
     tl.store(d_ptrs, acc.to(DW.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
-def _gather_sum_kernel(SRC, DST, INVERSE, top_k, hidden, stride_s, stride_d, BLOCK_H: tl.constexpr):
-    """DST[t] = sum_k SRC[inverse[t * top_k + k]] in fp32."""
-    token = tl.program_id(0).to(tl.int64)
-    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_mask = hs < hidden
-    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for k in range(top_k):
-        row = tl.load(INVERSE + token * top_k + k).to(tl.int64)
-        acc += tl.load(SRC + row * stride_s + hs, mask=h_mask, other=0.0).to(tl.float32)
-    tl.store(DST + token * stride_d + hs, acc.to(DST.dtype.element_ty), mask=h_mask)
-
-
 def _dot_flags(t: torch.Tensor) -> dict[str, object]:
     """fp32 inputs get IEEE dots (not tf32), Kahan-summed over K blocks (``_mma``). The interpreter's
     half-precision dot is unreliable, so it upcasts."""
@@ -345,27 +336,6 @@ def _wgrad_launch(
     )
 
 
-def _gather_sum(src: torch.Tensor, inverse: torch.Tensor, tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
-    """out[t] = sum_k src[inverse[t * top_k + k]], accumulated in fp32."""
-    hidden = src.shape[1]
-    out = torch.empty(tokens, hidden, dtype=dtype, device=src.device)
-    block_h = min(1024, next_power_of_2(hidden))
-    run_kernel(
-        _gather_sum_kernel,
-        (tokens, cdiv(hidden, block_h)),
-        src,
-        out,
-        inverse,
-        top_k,
-        hidden,
-        src.stride(0),
-        out.stride(0),
-        BLOCK_H=block_h,
-        num_warps=4,
-    )
-    return out
-
-
 def _tiles(x: torch.Tensor, block_m: int) -> MoETiles:
     """Tile configurations for routing tile height ``block_m`` within this device's shared memory."""
     tiles = choose_tiles(block_m, x.dtype.itemsize, shared_memory_limit(x.device))
@@ -391,10 +361,12 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [T, H], gate_up pre-activation [T*K, 2I], act [T*K, I]) in routing row order."""
     routing = Routing(order, inverse, token_of_row, expert_start, expert_end, tile_expert, tile_row_start, block_m)
-    tiles = _tiles(x, block_m)
     tokens, hidden = x.shape
     inter = gate_up_proj.shape[1] // 2
     rows = token_of_row.shape[0]
+    if moe_grouped.fits(x, gate_up_proj, down_proj, rows):
+        return moe_grouped.forward(x, gate_up_proj, down_proj, row_weight, routing, top_k)
+    tiles = _tiles(x, block_m)
     gate_up = torch.empty(rows, 2 * inter, dtype=x.dtype, device=x.device)
     act = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
@@ -426,7 +398,7 @@ def _forward(
         epilogue=SCALE_ROWS,
         row_scale=row_weight,
     )
-    return _gather_sum(y, inverse, tokens, top_k, x.dtype), gate_up, act
+    return gather_sum(y, inverse, tokens, top_k, x.dtype), gate_up, act
 
 
 def _backward(
@@ -452,9 +424,12 @@ def _backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d_gate_up_proj, d_down_proj, d_row_weight); a gradient not wanted is an empty placeholder."""
     routing = Routing(order, inverse, token_of_row, expert_start, expert_end, tile_expert, tile_row_start, block_m)
-    tiles = _tiles(x, block_m)
     tokens, hidden = x.shape
     rows, inter = act.shape
+    if moe_grouped.fits(x, gate_up_proj, down_proj, rows):
+        wants = (want_dx, want_d_gate_up_proj, want_d_down_proj)
+        return moe_grouped.backward(d_out, x, gate_up_proj, down_proj, gate_up, act, row_weight, routing, top_k, *wants)
+    tiles = _tiles(x, block_m)
     fp32 = x.dtype == torch.float32
     d_row_weight = torch.zeros(rows, dtype=torch.float32, device=x.device)
     d_x = torch.empty((tokens, hidden) if want_dx else 0, dtype=x.dtype, device=x.device)
@@ -488,7 +463,7 @@ def _backward(
         _row_gemm_launch(
             "up_dgrad", tiles, routing, d_gate_up, gate_up_proj, d_x_rows, n_out=hidden, kd=2 * inter, epilogue=PLAIN
         )
-        d_x = _gather_sum(d_x_rows, inverse, tokens, top_k, x.dtype)
+        d_x = gather_sum(d_x_rows, inverse, tokens, top_k, x.dtype)
     if want_d_gate_up_proj:
         _wgrad_launch(tiles, routing, d_gate_up, x, d_gate_up_proj, gather_y=True)
     return d_x, d_gate_up_proj, d_down, d_row_weight
