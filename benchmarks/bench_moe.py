@@ -10,7 +10,9 @@ Writes moe_<gpu>.json and moe_<gpu>.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ import torch
 from benchmarks.common import RESULTS_DIR, environment, fwd_bwd, median_ms, write_json
 from benchmarks.plots import plot_moe
 from engine.kernels.triton import moe_tiles
-from engine.kernels.triton.ops import library
+from engine.kernels.triton.ops import library, moe_grouped
 from engine.kernels.triton.ops import moe as engine_moe
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 768, 128, 8
@@ -64,10 +66,13 @@ def providers(module, tokens: int, dtype):
     def engine():
         return engine_moe.fused_moe(x, module.gate_up_proj, module.down_proj, index, weights)
 
+    compiled = torch.compile(grouped)
     fns = {
         "transformers_grouped_mm": lambda: grouped(x, index, weights),
+        "transformers_grouped_mm+compile": lambda: compiled(x, index, weights),
         "engine": engine,
         "engine_fn": engine,  # timed under eager_path("function"): a plain autograd.Function, no dispatcher
+        "engine_triton_gemms": engine,  # timed under triton_gemms(): the Triton GEMMs where CUTLASS would run
     }
     if tokens <= 4096:
         fns["transformers_eager"] = lambda: eager(x, index, weights)
@@ -79,6 +84,17 @@ def providers(module, tokens: int, dtype):
         print(f"liger fused MoE unavailable: {exc}")
     leaves = [x, weights, module.gate_up_proj, module.down_proj]
     return fns, leaves, grad
+
+
+@contextlib.contextmanager
+def triton_gemms() -> Iterator[None]:
+    """The engine's Triton expert GEMMs even where ``moe_grouped`` would take the call (bf16 on Hopper)."""
+    real = moe_grouped.fits
+    moe_grouped.fits = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        moe_grouped.fits = real
 
 
 def reference_grads(leaves, grad, index) -> list[torch.Tensor]:
@@ -148,7 +164,8 @@ def main() -> None:
         ref = reference_grads(leaves, grad, routing(tokens, dtype)[0])
         errors[tokens] = {}
         for name, fn in fns.items():
-            with library.eager_path("function" if name == "engine_fn" else "op"):
+            gemms = triton_gemms() if name == "engine_triton_gemms" else contextlib.nullcontext()
+            with gemms, library.eager_path("function" if name == "engine_fn" else "op"):
                 errors[tokens][name] = errors_of(fn, leaves, grad, ref)
                 row = {
                     "tokens": tokens,

@@ -3,12 +3,13 @@
     python -m benchmarks.bench_train [--models qwen3_0.6b qwen2.5_0.5b qwen3_moe_4l] [--variants ...] [--steps 10]
     python -m benchmarks.bench_train --models qwen3_0.6b --batch 1 --seqs 2048 8192 32768 --tag sweep
 
-Random-init models of real shapes (no hub access), bf16 parameters, AdamW, B4 x T2048 by default. Every
-(model, variant) runs in its own process, because Liger patches transformers classes process-wide and so that
-one run's memory does not leak into the next. Reports the median ms/step of the timed steps, tokens/s, peak
-memory of the steady state (after warm-up), both of the whole step and of forward + backward alone (AdamW's
-step adds parameter-sized temporaries that no kernel can remove), and the first-step loss, whose agreement
-across variants is the numerics check. ``--lce-options`` overrides the linear cross-entropy entry's options.
+Random-init models of real shapes (no hub access), bf16 parameters, AdamW (``--optimizer``: torch's foreach
+default, or the fused one that transformers' Trainer picks), B4 x T2048 by default. Every (model, variant)
+runs in its own process, because Liger patches transformers classes process-wide and so that one run's memory
+does not leak into the next. Reports the median ms/step of the timed steps, tokens/s, peak memory of the
+steady state (after warm-up), both of the whole step and of forward + backward alone (AdamW's step adds
+parameter-sized temporaries that no kernel can remove), and the first-step loss, whose agreement across
+variants is the numerics check. ``--lce-options`` overrides the linear cross-entropy entry's options.
 Writes train_<gpu>.json and train_<gpu>.png.
 """
 
@@ -96,11 +97,18 @@ def prepare(
 
 
 def run_one(
-    model_name: str, variant: str, batch: int, seq: int, steps: int, warmup: int, lce_options: dict[str, Any]
+    model_name: str,
+    variant: str,
+    batch: int,
+    seq: int,
+    steps: int,
+    warmup: int,
+    lce_options: dict[str, Any],
+    optimizer: str = "foreach",
 ) -> dict[str, Any]:
     """One (model, variant, shape) in this process; running out of memory is a result, recorded as such."""
     try:
-        return _timed_steps(model_name, variant, batch, seq, steps, warmup, lce_options)
+        return _timed_steps(model_name, variant, batch, seq, steps, warmup, lce_options, optimizer)
     except torch.OutOfMemoryError:
         peak = torch.cuda.max_memory_allocated() / 2**30
         return {"model": model_name, "variant": variant, "batch": batch, "seq": seq, "error": "out of memory",
@@ -108,13 +116,21 @@ def run_one(
 
 
 def _timed_steps(
-    model_name: str, variant: str, batch: int, seq: int, steps: int, warmup: int, lce_options: dict[str, Any]
+    model_name: str,
+    variant: str,
+    batch: int,
+    seq: int,
+    steps: int,
+    warmup: int,
+    lce_options: dict[str, Any],
+    optimizer_impl: str,
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
     torch.manual_seed(0)
     model, report = prepare(model_name, variant, lce_options)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    fused = optimizer_impl == "fused"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=not fused, fused=fused)
     vocab = vocab_of(model_name)
     gen = torch.Generator(device="cuda").manual_seed(0)
     data = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=gen) for _ in range(4)]
@@ -164,6 +180,7 @@ def run_isolated(args: argparse.Namespace, model_name: str, variant: str, seq: i
     command = [sys.executable, "-m", "benchmarks.bench_train", "--worker", model_name, variant]
     command += ["--batch", str(args.batch), "--seqs", str(seq), "--steps", str(args.steps)]
     command += ["--warmup", str(args.warmup), "--lce-options", json.dumps(args.lce_options)]
+    command += ["--optimizer", args.optimizer]
     shape = {"model": model_name, "variant": variant, "batch": args.batch, "seq": seq}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
@@ -244,10 +261,16 @@ def main() -> None:
         default={},
         help="JSON over the linear CE entry's options, e.g. '{\"chunk_mib\": 256}'",
     )
+    parser.add_argument(
+        "--optimizer",
+        choices=["foreach", "fused"],
+        default="foreach",
+        help="AdamW implementation: foreach (torch.optim's default) or fused (transformers Trainer's default)",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        row = run_one(*args.worker, args.batch, args.seqs[0], args.steps, args.warmup, args.lce_options)
+        row = run_one(*args.worker, args.batch, args.seqs[0], args.steps, args.warmup, args.lce_options, args.optimizer)
         print(json.dumps(row))
         return
     gpu = torch.cuda.get_device_name().replace(" ", "_")
@@ -263,6 +286,7 @@ def main() -> None:
                     "seqs": args.seqs,
                     "variants": {v: VARIANTS[v] for v in args.variants},
                     "lce_options": args.lce_options,
+                    "optimizer": f"AdamW ({args.optimizer})",
                     "summary": summarise(results),
                     "runs": results,
                 }

@@ -13,6 +13,7 @@ Writes profile_<gpu>_<model>.json.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -43,9 +44,11 @@ def category(kernel: str) -> str:
     return "other"
 
 
-def profile_variant(model_name: str, variant: str, batch: int, seq: int) -> dict[str, Any]:
+def profile_variant(
+    model_name: str, variant: str, batch: int, seq: int, lce_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     torch.manual_seed(0)
-    model, _ = prepare(model_name, variant)
+    model, _ = prepare(model_name, variant, lce_options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids = torch.randint(0, vocab_of(model_name), (batch, seq), device="cuda")
 
@@ -88,11 +91,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["transformers+compile", "engine+compile"], choices=VARIANTS)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--lce-options", type=json.loads, default={}, help="as bench_train's --lce-options")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
     results = {}
     for variant in args.variants:
-        row = profile_variant(args.model, variant, args.batch, args.seq)
+        row = profile_variant(args.model, variant, args.batch, args.seq, args.lce_options)
         results[variant] = row
         by_category = ", ".join(f"{k} {v:.1f}" for k, v in row["gpu_ms_by_category"].items())
         print(f"{args.model} {variant}: GPU {row['gpu_ms']:.1f} ms ({by_category})")
@@ -101,6 +105,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     payload = {"environment": environment(), "model": args.model, "batch": args.batch, "seq": args.seq}
+    payload["lce_options"] = args.lce_options
     write_json(args.out / f"profile_{gpu}_{args.model}.json", {**payload, "variants": results})
 
 
