@@ -7,6 +7,9 @@ Each variant trains the same model from the same seed for ``--steps`` steps (Ada
 and then at the root. Rank 0 writes per-variant losses and median step times as JSON. ``--noise-floor`` adds an
 unpatched run with transformers' eager attention instead of SDPA: how far two implementations that transformers
 itself ships drift apart in the same dtype, the scale against which the patched runs' gaps are read.
+``--attribution`` adds a patched run without the linear cross-entropy entry, and an unpatched run of the same
+initial weights upcast to fp32: each bf16 run's gap to that fp32 run says how far it is from the exact
+result, so a patched run that differs from the unpatched one can be told apart from a patched run that is worse.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import engine
+from engine.catalog import find_spec
 from engine.testing import tiny_models
 
 VARIANTS = ("unpatched", "patch_before_shard", "patch_after_shard")
 NOISE_FLOOR = "unpatched_eager_attention"
+WITHOUT_LCE = "patch_before_shard_without_linear_ce"
+FP32_REFERENCE = "unpatched_fp32_reference"
 
 
 def build(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -55,8 +61,13 @@ def run(variant: str, args: argparse.Namespace, mesh, device: torch.device) -> d
     model = build(args.model, device.type, getattr(torch, args.dtype)).to(device)
     if variant == NOISE_FLOOR:
         model.set_attn_implementation("eager")
-    spec = "qwen3"
-    if variant == "patch_before_shard":
+    if variant == FP32_REFERENCE:
+        model = model.float()
+    spec = find_spec("qwen3")
+    if variant == WITHOUT_LCE:
+        kept = [e for e in spec.entries if e.kernel != "linear_cross_entropy"]
+        spec = spec.model_copy(update={"entries": kept})
+    if variant in ("patch_before_shard", WITHOUT_LCE):
         engine.apply(model, spec=spec, verbose=False)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
@@ -88,6 +99,10 @@ def run(variant: str, args: argparse.Namespace, mesh, device: torch.device) -> d
     return {"losses": losses, "ms_per_step_median": statistics.median(times[1:] or times), "report": str(report)}
 
 
+def largest_gap(losses: list[float], base: list[float]) -> float:
+    return max(abs(a - b) / abs(b) for a, b in zip(losses, base, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -99,6 +114,9 @@ def main() -> None:
         "--dtype", choices=["bfloat16", "float32"], help="parameters' dtype (default: fp32 tiny, bf16 qwen3_8l)"
     )
     parser.add_argument("--noise-floor", action="store_true", help=f"also run {NOISE_FLOOR} (see the docstring)")
+    parser.add_argument(
+        "--attribution", action="store_true", help=f"also run {WITHOUT_LCE} and {FP32_REFERENCE} (see the docstring)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     args.dtype = args.dtype or ("float32" if args.model == "tiny" else "bfloat16")
@@ -117,15 +135,20 @@ def main() -> None:
         standin = torch_npu_standin()
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     with standin:
-        variants = (*VARIANTS, NOISE_FLOOR) if args.noise_floor else VARIANTS
+        variants = (*VARIANTS, *((NOISE_FLOOR,) if args.noise_floor else ()))
+        variants += (WITHOUT_LCE, FP32_REFERENCE) if args.attribution else ()
         results = {variant: run(variant, args, mesh, device) for variant in variants}
     dist.barrier()
     if rank == 0:
-        base = results["unpatched"]["losses"]
         gaps = {  # the largest relative gap of each other run's losses to the unpatched sharded run's
-            variant: max(abs(a - b) / abs(b) for a, b in zip(result["losses"], base, strict=True))
+            variant: largest_gap(result["losses"], results["unpatched"]["losses"])
             for variant, result in results.items()
             if variant != "unpatched"
+        }
+        to_fp32 = {
+            variant: largest_gap(result["losses"], results[FP32_REFERENCE]["losses"])
+            for variant, result in results.items()
+            if FP32_REFERENCE in results and variant != FP32_REFERENCE
         }
         payload = {
             "world_size": dist.get_world_size(),
@@ -133,6 +156,7 @@ def main() -> None:
             "device": args.device,
             "dtype": args.dtype,
             "max_relative_loss_gap": gaps,
+            **({"max_relative_loss_gap_to_fp32_reference": to_fp32} if to_fp32 else {}),
             **results,
         }
         text = json.dumps(payload, indent=2)
