@@ -235,7 +235,7 @@ class Planner:
                 why = "is already patched" if isinstance(companion_binder, Binder) else companion_binder
                 return self._skip(spec, entry, f"{type(module).__name__} (patched with it): {why}", notes)
             companions.append((module, companion, companion_binder))
-        note = simulation_note(sample)
+        note = "; ".join(filter(None, (kernel.plan_note(sample, options), simulation_note(sample)))) or None
         planned = PlannedPatch(spec.name, entry, kernel, options, binder, modules=fresh, note=note)
         planned.companions = companions
         return planned, notes

@@ -7,8 +7,10 @@ run under the Triton interpreter. On an H100/H200 the same tests run the CUTLASS
 import pytest
 import torch
 
+import engine
 from engine.kernels.triton.ops import moe_grouped
 from engine.kernels.triton.ops.moe import fused_moe
+from engine.testing import tiny_models
 from tests.layouts import LAYOUTS, relayout
 from tests.test_triton_moe import (
     DEVICE,
@@ -115,3 +117,13 @@ def test_grouped_path_compiles_without_graph_breaks(grouped_calls):
     got = outputs_and_grads(compiled, x, gate_up, down, idx, w, grad)
     for name, g, e in zip(NAMES, got, want, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0, msg=name)
+
+
+def test_plan_names_the_expert_gemm_path(grouped_calls):
+    notes = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        model = tiny_models.build("qwen3_moe", dtype=dtype).to(DEVICE)
+        plan = engine.plan(model, spec="qwen3_moe", device="cuda")
+        notes[dtype] = [p.note for p in plan.patches if p.entry.name == "fused_moe"]
+    assert notes[torch.bfloat16] == ["expert GEMMs: torch._grouped_mm (CUTLASS)"]
+    assert notes[torch.float32] == ["expert GEMMs: Triton"]

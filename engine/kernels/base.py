@@ -85,6 +85,11 @@ class MetaKernel(metaclass=KernelMeta):
         return None
 
     @classmethod
+    def plan_note(cls, target: Any, options: BaseModel) -> str | None:
+        """A choice this kernel makes for ``target`` that the report should name (which code path will run)."""
+        return None
+
+    @classmethod
     def supports(cls, options: BaseModel, *args: Any) -> bool:
         """Per call: whether the kernel handles these arguments (shapes, dtypes); otherwise the original runs.
         By default the kind's own per-call condition (``KernelKind.fits``), if it has one."""

@@ -1,5 +1,8 @@
 """transformers>=5 experts (Qwen3-MoE, Qwen3-VL-MoE) on CUDA: grouped GEMMs with fused SwiGLU, no host sync.
 
+bf16 experts on Hopper run their GEMMs through ``torch._grouped_mm`` (``ops/moe_grouped.py``), others through
+the Triton GEMMs; the report names which (``plan_note``).
+
 Tiles are chosen per dtype within the device's shared memory (``moe_tiles.py``); where none fits, the plan
 skips the module with the reason, and a call that reaches the kernel anyway runs the original forward.
 """
@@ -33,6 +36,17 @@ class TritonFusedMoEKernel(TritonKernel):
         weight = module.gate_up_proj
         device = _plan_device(weight)
         return None if device is None else moe_tiles.unfit_reason(weight.dtype, device)
+
+    @classmethod
+    def plan_note(cls, module: nn.Module, options: BaseModel) -> str | None:
+        weight = module.gate_up_proj
+        device = _plan_device(weight)
+        if device is None or type(weight) not in (torch.Tensor, nn.Parameter) or weight.is_meta:
+            return None  # sharded or not yet materialised: decided per call
+        from engine.kernels.triton.ops import moe_grouped
+
+        cutlass = moe_grouped.weights_fit(weight, module.down_proj, device)
+        return f"expert GEMMs: {'torch._grouped_mm (CUTLASS)' if cutlass else 'Triton'}"
 
     @classmethod
     def run(

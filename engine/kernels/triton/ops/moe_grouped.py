@@ -37,18 +37,22 @@ def _cutlass_layout(t: torch.Tensor) -> bool:
     return (cols_stride == 1 and rows_stride % aligned == 0) or (rows_stride == 1 and cols_stride % aligned == 0)
 
 
-def fits(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, rows: int) -> bool:
-    """Whether this call's expert GEMMs go to ``torch._grouped_mm``."""
+def weights_fit(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, device: torch.device) -> bool:
+    """Whether bf16 calls with these expert weights on ``device`` take this path (known at plan time)."""
     return (
         hasattr(torch, "_grouped_mm")
-        and x.dtype == gate_up_proj.dtype == down_proj.dtype == torch.bfloat16
-        and _hopper(x.device)
-        and 0 < rows < _INT32_ROWS
-        and x.shape[1] % 8 == 0
+        and gate_up_proj.dtype == down_proj.dtype == torch.bfloat16
+        and _hopper(device)
+        and gate_up_proj.shape[2] % 8 == 0
         and down_proj.shape[2] % 8 == 0
         and _cutlass_layout(gate_up_proj)
         and _cutlass_layout(down_proj)
     )
+
+
+def fits(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, rows: int) -> bool:
+    """Whether this call's expert GEMMs go to ``torch._grouped_mm``."""
+    return x.dtype == torch.bfloat16 and 0 < rows < _INT32_ROWS and weights_fit(gate_up_proj, down_proj, x.device)
 
 
 def _offsets(routing: Routing) -> torch.Tensor:
