@@ -359,7 +359,8 @@ def _forward(
     block_m: int,
     top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [T, H], gate_up pre-activation [T*K, 2I], act [T*K, I]) in routing row order."""
+    """(out [T, H], gate_up pre-activation [T*K, 2I], act [T*K, I]) in routing row order; the CUTLASS path
+    returns an empty act (its backward recomputes the activation from gate_up)."""
     routing = Routing(order, inverse, token_of_row, expert_start, expert_end, tile_expert, tile_row_start, block_m)
     tokens, hidden = x.shape
     inter = gate_up_proj.shape[1] // 2
@@ -425,10 +426,10 @@ def _backward(
     """(dx, d_gate_up_proj, d_down_proj, d_row_weight); a gradient not wanted is an empty placeholder."""
     routing = Routing(order, inverse, token_of_row, expert_start, expert_end, tile_expert, tile_row_start, block_m)
     tokens, hidden = x.shape
-    rows, inter = act.shape
+    rows, inter = token_of_row.shape[0], down_proj.shape[2]
     if moe_grouped.fits(x, gate_up_proj, down_proj, rows):
         wants = (want_dx, want_d_gate_up_proj, want_d_down_proj)
-        return moe_grouped.backward(d_out, x, gate_up_proj, down_proj, gate_up, act, row_weight, routing, top_k, *wants)
+        return moe_grouped.backward(d_out, x, gate_up_proj, down_proj, gate_up, row_weight, routing, top_k, *wants)
     tiles = _tiles(x, block_m)
     fp32 = x.dtype == torch.float32
     d_row_weight = torch.zeros(rows, dtype=torch.float32, device=x.device)

@@ -51,7 +51,6 @@ def _swiglu_rows_kernel(GATE_UP, ACT, inter, stride_g, stride_a, BLOCK: tl.const
 @triton.jit
 def _swiglu_rows_backward_kernel(
     GATE_UP,
-    ACT,
     D_ACT,
     ROW_SCALE,
     D_GATE_UP,
@@ -59,15 +58,15 @@ def _swiglu_rows_backward_kernel(
     D_ROW_SCALE,
     inter,
     stride_g,
-    stride_a,
     stride_da,
     stride_dg,
     stride_as,
     BLOCK: tl.constexpr,
 ):
-    """For one row r with routing weight w (the forward scaled the expert output by w):
-    D_GATE_UP[r] = d(silu(gate) * up) at upstream gradient w * D_ACT[r]; ACT_SCALED[r] = w * ACT[r] (the
-    down-projection weight gradient's operand); D_ROW_SCALE[r] = <D_ACT[r], ACT[r]> (the routing-weight gradient)."""
+    """For one row r with routing weight w (the forward scaled the expert output by w), with
+    act = silu(gate) * up recomputed and rounded as ``_swiglu_rows_kernel`` stored it:
+    D_GATE_UP[r] = d(silu(gate) * up) at upstream gradient w * D_ACT[r]; ACT_SCALED[r] = w * act (the
+    down-projection weight gradient's operand); D_ROW_SCALE[r] = <D_ACT[r], act> (the routing-weight gradient)."""
     row = tl.program_id(0).to(tl.int64)
     scale = tl.load(ROW_SCALE + row)
     d_scale = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -76,7 +75,7 @@ def _swiglu_rows_backward_kernel(
         mask = cols < inter
         gate = tl.load(GATE_UP + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(GATE_UP + row * stride_g + inter + cols, mask=mask, other=0.0).to(tl.float32)
-        act = tl.load(ACT + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
+        act = silu_mul(gate, up).to(GATE_UP.dtype.element_ty).to(tl.float32)
         d_act = tl.load(D_ACT + row * stride_da + cols, mask=mask, other=0.0).to(tl.float32)
         d_scale += d_act * act
         d_gate, d_up = silu_mul_backward(gate, up, d_act * scale)
@@ -137,19 +136,18 @@ def swiglu_rows(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_rows_backward(
-    gate_up: torch.Tensor, act: torch.Tensor, d_act: torch.Tensor, row_scale: torch.Tensor
+    gate_up: torch.Tensor, d_act: torch.Tensor, row_scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_gate_up [R, 2I], row_scale * act [R, I], d_row_scale [R] fp32); see the kernel's docstring."""
-    rows, inter = act.shape
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     d_gate_up = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
-    act_scaled = torch.empty(rows, inter, dtype=act.dtype, device=act.device)
-    d_row_scale = torch.empty(rows, dtype=torch.float32, device=act.device)
+    act_scaled = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
+    d_row_scale = torch.empty(rows, dtype=torch.float32, device=gate_up.device)
     if rows:
         run_kernel(
             _swiglu_rows_backward_kernel,
             (rows,),
             gate_up,
-            act,
             d_act,
             row_scale,
             d_gate_up,
@@ -157,7 +155,6 @@ def swiglu_rows_backward(
             d_row_scale,
             inter,
             gate_up.stride(0),
-            act.stride(0),
             d_act.stride(0),
             d_gate_up.stride(0),
             act_scaled.stride(0),
