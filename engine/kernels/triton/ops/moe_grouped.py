@@ -3,8 +3,9 @@
 At the Qwen3-30B-A3B layer shape on an H200, CUTLASS's grouped GEMM ran the expert GEMMs at 0.52 PFLOP/s
 against 0.33 for the Triton row GEMMs in ``moe.py``, while the engine's device-side routing took about 1 ms
 of a step against about 7 ms for the routing Inductor generates around transformers' grouped_mm experts.
-This path keeps the routing, gathers rows once, and puts everything between the GEMMs into the row kernels
-of ``moe_rows.py``; it computes the same quantities, in the same row order, as ``moe.py``.
+This path keeps the routing, gathers the GEMMs' input rows into expert order (the input again in backward,
+rather than keeping a copy), and puts everything between the GEMMs into the row kernels of ``moe_rows.py``;
+it computes the same quantities, in the same row order, as ``moe.py``, without atomics.
 
 Only bf16 on compute capability 9.x: torch's CUTLASS grouped GEMM is bf16-only, and on Blackwell it has left
 the weight gradient of an expert with no rows unwritten (pytorch/pytorch#172439). Offsets are int32, so
