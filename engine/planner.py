@@ -235,7 +235,15 @@ class Planner:
                 why = "is already patched" if isinstance(companion_binder, Binder) else companion_binder
                 return self._skip(spec, entry, f"{type(module).__name__} (patched with it): {why}", notes)
             companions.append((module, companion, companion_binder))
-        note = "; ".join(filter(None, (kernel.plan_note(sample, options), simulation_note(sample)))) or None
+        note = "; ".join(filter(None, (_plan_note(kernel, sample, options), simulation_note(sample)))) or None
         planned = PlannedPatch(spec.name, entry, kernel, options, binder, modules=fresh, note=note)
         planned.companions = companions
         return planned, notes
+
+
+def _plan_note(kernel: Any, target: Any, options: BaseModel) -> str | None:
+    """The kernel's own note for the report; a failure to say is itself said, never a failed plan."""
+    try:
+        return kernel.plan_note(target, options)
+    except Exception as exc:
+        return f"no plan note ({type(exc).__name__}: {exc})"

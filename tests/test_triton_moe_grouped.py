@@ -150,3 +150,15 @@ def test_grouped_path_keeps_no_activation_for_backward(grouped_calls, monkeypatc
     assert grouped_calls
     monkeypatch.setattr(moe_grouped, "fits", lambda *args, **kwargs: False)
     assert saved_bytes() - grouped == tokens * top_k * inter * 2
+
+
+def test_a_failing_plan_note_is_reported_not_raised(monkeypatch):
+    from engine.kernels.triton.fused_moe import TritonFusedMoEKernel
+
+    def broken(module, options):
+        raise RuntimeError("no device properties")
+
+    monkeypatch.setattr(TritonFusedMoEKernel, "plan_note", broken)
+    plan = engine.plan(tiny_models.build("qwen3_moe").to(DEVICE), spec="qwen3_moe", device="cuda")
+    notes = [p.note for p in plan.patches if p.entry.name == "fused_moe"]
+    assert notes == ["no plan note (RuntimeError: no device properties)"]
