@@ -96,26 +96,14 @@ def prepare(
     return model, report
 
 
+def out_of_memory(model_name: str, variant: str, batch: int, seq: int) -> dict[str, Any]:
+    """Running out of memory is a result, recorded as such (with the peak reached)."""
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return {"model": model_name, "variant": variant, "batch": batch, "seq": seq, "error": "out of memory",
+            "peak_mem_gib": peak}  # fmt: skip
+
+
 def run_one(
-    model_name: str,
-    variant: str,
-    batch: int,
-    seq: int,
-    steps: int,
-    warmup: int,
-    lce_options: dict[str, Any],
-    optimizer: str = "foreach",
-) -> dict[str, Any]:
-    """One (model, variant, shape) in this process; running out of memory is a result, recorded as such."""
-    try:
-        return _timed_steps(model_name, variant, batch, seq, steps, warmup, lce_options, optimizer)
-    except torch.OutOfMemoryError:
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        return {"model": model_name, "variant": variant, "batch": batch, "seq": seq, "error": "out of memory",
-                "peak_mem_gib": peak}  # fmt: skip
-
-
-def _timed_steps(
     model_name: str,
     variant: str,
     batch: int,
@@ -125,6 +113,7 @@ def _timed_steps(
     lce_options: dict[str, Any],
     optimizer_impl: str,
 ) -> dict[str, Any]:
+    """One (model, variant, shape) in this process: warm-up, then timed steps."""
     from tqdm import tqdm
 
     torch.manual_seed(0)
@@ -270,7 +259,13 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        row = run_one(*args.worker, args.batch, args.seqs[0], args.steps, args.warmup, args.lce_options, args.optimizer)
+        model_name, variant = args.worker
+        try:
+            row = run_one(
+                model_name, variant, args.batch, args.seqs[0], args.steps, args.warmup, args.lce_options, args.optimizer
+            )
+        except torch.OutOfMemoryError:
+            row = out_of_memory(model_name, variant, args.batch, args.seqs[0])
         print(json.dumps(row))
         return
     gpu = torch.cuda.get_device_name().replace(" ", "_")
