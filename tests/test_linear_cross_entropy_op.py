@@ -75,9 +75,9 @@ def _rel(a, b):
 
 @pytest.mark.parametrize(("softcap", "num_items"), [(None, None), (3.0, 50)])
 def test_fp32_matches_full_logits_math(impl, softcap, num_items):
-    hidden, weight, targets = _problem()
+    hidden, weight, targets = _problem(n=150)
     denom = denominator(targets, IGNORE, num_items)
-    chunk = 64 * 200 * 16  # 64-row chunks: several chunks and a ragged last one
+    chunk = 64 * 200 * 4  # 64-row chunks (the floor) for every chunk loss: three, the last one ragged
     got = _grads(lambda h, w: linear_cross_entropy(h, w, targets, denom, IGNORE, softcap, impl=impl, chunk_bytes=chunk),
                  hidden, weight)  # fmt: skip
     want = _grads(lambda h, w: reference(h, w, targets, denom, IGNORE, softcap), hidden, weight)
@@ -132,6 +132,29 @@ def test_upstream_gradient_scales_in_fp32(impl):
     linear_cross_entropy(h1, weight, targets, denom, IGNORE, impl=impl).backward()
     third = torch.ones((), device=DEVICE) / 3  # the upstream gradient autograd hands over, in fp32
     torch.testing.assert_close(h.grad, (h1.grad.float() * third).to(torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("one_chunk", [True, False])
+def test_one_chunk_defers_the_weight_gradient_to_backward(impl, one_chunk):
+    """One chunk keeps the logits gradient [N, V] (not a [V, H] weight gradient) and forms the weight gradient in
+    backward from hidden states scaled by the upstream gradient; several chunks keep the weight gradient."""
+    hidden, weight, targets = _problem(n=150)
+    denom = denominator(targets, IGNORE)
+    chunk = (1 << 30) if one_chunk else 64 * 200 * 4  # else 64-row chunks (the floor) for every chunk loss
+    assert lce_op.defers_weight_grad(hidden, weight, chunk, impl, True) == one_chunk
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = linear_cross_entropy(h, w, targets, denom, IGNORE, impl=impl, chunk_bytes=chunk)
+    (loss * 0.37).backward()
+    assert ((150, 200) in saved) == one_chunk and ((200, 16) in saved) != one_chunk
+    want = _grads(lambda a, b: reference(a, b, targets, denom) * 0.37, hidden, weight)
+    assert _rel(h.grad, want[1]) < 1e-5 and _rel(w.grad, want[2]) < 1e-5
 
 
 def test_second_backward_through_it_is_refused():

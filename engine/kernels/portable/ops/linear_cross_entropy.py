@@ -7,6 +7,12 @@ then the chunk's hidden-state gradient (one GEMM) and its share of the weight gr
 over chunks). The full ``[N, V]`` logits never exist. The gradients are kept for backward, which only scales them
 by the incoming gradient, so a training step runs three GEMMs over the vocabulary, as the unfused head does.
 
+When every row fits one chunk (a ``chunk_bytes`` budget as large as the logits), the weight-gradient GEMM moves
+to backward instead: the chunk buffer, holding the logits gradient, is kept, and backward multiplies it by the
+hidden states scaled by the incoming gradient. That spares a pass scaling the ``V x H`` weight gradient (the
+incoming gradient is not known in forward) and costs no peak memory: the buffer and the weight gradient exist
+together once either way, and the buffer replaces the weight gradient among the saved tensors.
+
 Memory, with ``N`` rows, vocabulary ``V``, hidden size ``H``, ``e`` bytes per element of the input dtype and
 ``b = e + t`` bytes per logit (``t``: the chunk loss's fp32 temporaries per logit, 0 for the in-place Triton
 kernel, 12 for the torch one):
@@ -16,6 +22,7 @@ kernel, 12 for the torch one):
   so the chunk buffers stay within ``chunk_bytes`` (above it only when 64 rows alone exceed it);
 * plus the gradients kept for backward: ``N * H * e`` (hidden) and ``V * H * e`` (weight), and while the
   forward runs a ``V * H * 4`` fp32 weight-gradient accumulator (``fp32_accumulate``; none for fp32 weights);
+  with one chunk, the chunk buffer is kept instead of the weight gradient (no accumulator);
 * plus ``N * 4`` bytes of per-row losses.
 
 The op is opaque to Dynamo (a ``torch.library`` custom op with a fake implementation and registered autograd),
@@ -144,7 +151,8 @@ def linear_cross_entropy_op(
     grad_weight: bool,
     fp32_accumulate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, d loss / d hidden, d loss / d weight); a gradient not asked for is an empty tensor."""
+    """(loss, d loss / d hidden, d loss / d weight); a gradient not asked for is an empty tensor. When the
+    weight gradient is deferred (:func:`defers_weight_grad`) the third is d loss / d logits ``[N, V]`` instead."""
     device_type = hidden.device.type
     # the caller already cast to the autocast dtype; the GEMMs and the accumulation must run as written
     autocast = torch.is_autocast_enabled(device_type)
@@ -152,14 +160,14 @@ def linear_cross_entropy_op(
         chunk_loss = CHUNK_LOSSES[impl]
         hidden = hidden.contiguous()
         n, vocab = hidden.shape[0], weight.shape[0]
-        rows = chunk_rows(n, vocab, hidden.element_size() + chunk_loss.temp_bytes_per_logit, chunk_bytes)
+        rows = _rows_per_chunk(hidden, weight, chunk_bytes, impl)
+        deferred = defers_weight_grad(hidden, weight, chunk_bytes, impl, grad_weight)
         row_loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
         d_hidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
         acc_dtype = torch.float32 if fp32_accumulate and grad_weight else weight.dtype
-        d_weight = (
-            torch.empty(weight.shape, dtype=acc_dtype, device=weight.device) if grad_weight else weight.new_empty(0)
-        )
-        if grad_weight and n == 0:
+        in_loop = grad_weight and not deferred
+        d_weight = torch.empty(weight.shape, dtype=acc_dtype, device=weight.device) if in_loop else None
+        if in_loop and n == 0:
             d_weight.zero_()
         buffer = hidden.new_empty(min(rows, n), vocab)
         for start in range(0, n, rows):
@@ -171,11 +179,25 @@ def linear_cross_entropy_op(
             chunk_loss.fn(logits, targets[start:end], denom, row_loss[start:end], ignore_index, softcap, with_grad)
             if grad_hidden:
                 torch.mm(logits, weight, out=d_hidden[start:end])
-            if grad_weight:
+            if in_loop:
                 _accumulate(d_weight, logits.t(), h, first=start == 0)
-        del buffer
         loss = row_loss.sum() / denom
-        return loss, d_hidden, d_weight.to(weight.dtype)
+        if deferred:
+            return loss, d_hidden, buffer
+        return loss, d_hidden, d_weight.to(weight.dtype) if in_loop else weight.new_empty(0)
+
+
+def _rows_per_chunk(hidden: torch.Tensor, weight: torch.Tensor, chunk_bytes: int, impl: str) -> int:
+    bytes_per_logit = hidden.element_size() + CHUNK_LOSSES[impl].temp_bytes_per_logit
+    return chunk_rows(hidden.shape[0], weight.shape[0], bytes_per_logit, chunk_bytes)
+
+
+def defers_weight_grad(
+    hidden: torch.Tensor, weight: torch.Tensor, chunk_bytes: int, impl: str, grad_weight: bool
+) -> bool:
+    """Whether the weight-gradient GEMM runs in backward: wanted, and every row (at least one) in one chunk."""
+    n = hidden.shape[0]
+    return grad_weight and 0 < n <= _rows_per_chunk(hidden, weight, chunk_bytes, impl)
 
 
 @linear_cross_entropy_op.register_fake
@@ -194,17 +216,22 @@ def _fake(  # noqa: ANN202
 ):
     loss = hidden.new_empty((), dtype=torch.float32)
     d_hidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
+    if defers_weight_grad(hidden, weight, chunk_bytes, impl, grad_weight):
+        return loss, d_hidden, hidden.new_empty(hidden.shape[0], weight.shape[0])
     d_weight = torch.empty_like(weight) if grad_weight else weight.new_empty(0)
     return loss, d_hidden, d_weight
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     _, d_hidden, d_weight = output
-    ctx.save_for_backward(d_hidden, d_weight)
+    hidden, weight, *_, chunk_bytes, impl, _, grad_weight, _ = inputs
+    ctx.deferred = defers_weight_grad(hidden, weight, chunk_bytes, impl, grad_weight)
+    ctx.save_for_backward(d_hidden, d_weight, hidden if ctx.deferred else None)
     ctx.mark_non_differentiable(d_hidden, d_weight)
     ctx.grads = (inputs[8], inputs[9])
 
 
+_no_context = contextlib.nullcontext()
 SCALE_BLOCK = 1 << 24  # elements upcast at a time when a half-precision gradient is scaled in place
 
 
@@ -224,13 +251,15 @@ def _scaled(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _backward(ctx, grad_loss: torch.Tensor, _d_hidden: torch.Tensor, _d_weight: torch.Tensor):  # noqa: ANN001, ANN202
-    d_hidden, d_weight = ctx.saved_tensors
+    d_hidden, d_weight, hidden = ctx.saved_tensors
     want_hidden, want_weight = ctx.grads
-    return (
-        _scaled(d_hidden, grad_loss) if want_hidden else None,
-        _scaled(d_weight, grad_loss) if want_weight else None,
-        *([None] * 9),
-    )
+    if want_weight and ctx.deferred:  # d_weight holds the logits gradient: d loss/d weight = d_logits.T @ hidden
+        device_type = hidden.device.type
+        with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else _no_context:
+            d_weight = torch.mm(d_weight.t(), (hidden.float() * grad_loss).to(hidden.dtype))
+    elif want_weight:
+        d_weight = _scaled(d_weight, grad_loss)
+    return _scaled(d_hidden, grad_loss) if want_hidden else None, d_weight if want_weight else None, *([None] * 9)
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
