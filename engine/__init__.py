@@ -41,6 +41,7 @@ from engine.kernels.npu import (
 )
 from engine.kernels.registry import REGISTRY
 from engine.kernels.triton import (
+    TritonEmbeddingKernel,
     TritonFusedMoEKernel,
     TritonMRoPEKernel,
     TritonRMSNormKernel,
@@ -77,6 +78,7 @@ __all__ = [
     "PatchReport",
     "SpecEntry",
     "SpecError",
+    "TritonEmbeddingKernel",
     "TritonFusedMoEKernel",
     "TritonMRoPEKernel",
     "TritonRMSNormKernel",

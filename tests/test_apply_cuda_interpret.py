@@ -28,6 +28,7 @@ KERNELS = {
     "mrope": {"_mrope_cos_sin"},
     "fused_moe": {"_row_gemm", "_expert_wgrad", "_gather_sum_kernel"},
     "linear_cross_entropy": {"_chunk_loss_kernel"},
+    "embedding": {"_embedding_grad_rows", "_embedding_grad_heavy"},
     "sdpa_is_causal": set(),  # a decision in Python, no launch (its effect is under compile: test_sdpa_is_causal)
 }
 EXERCISED = {  # kinds a text-only batch does not reach: the Qwen2-VL vision tower's RoPE

@@ -29,7 +29,10 @@ def test_missing_torch_npu_skips_with_reason_and_apply_kernel_raises(monkeypatch
     model = tiny_models.build("llama")
     handle = engine.apply(model, spec="llama", device="npu", verbose=False)
     assert not handle.report.patched
-    assert all("torch_npu is not installed" in s.reason for s in handle.report.skipped)
+    # every entry with an NPU kernel says torch_npu is missing; the embedding has no NPU kernel at all
+    reasons = {s.entry: s.reason for s in handle.report.skipped}
+    assert reasons.pop("embedding") == "no 'embedding' kernel for device 'npu' (kernels exist for: cuda)"
+    assert reasons and all("torch_npu is not installed" in reason for reason in reasons.values())
     with pytest.raises(KernelUnavailableError, match="torch_npu is not installed"):
         engine.apply_kernel(model, engine.NpuRMSNormKernel)
 
@@ -40,7 +43,7 @@ def test_missing_triton_skips_with_reason(monkeypatch):
     report = engine.plan(model, device="cuda")
     # every Triton entry is skipped with the reason; the mask decision is plain Python and needs no Triton
     assert [p.entry.name for p in report.patches] == ["sdpa_is_causal"]
-    assert len(report.skipped) == 4 and all("triton is not installed" in s.reason for s in report.skipped)
+    assert len(report.skipped) == 5 and all("triton is not installed" in s.reason for s in report.skipped)
 
 
 def test_cpu_and_xpu_keep_original_forward_and_say_why():
@@ -49,7 +52,7 @@ def test_cpu_and_xpu_keep_original_forward_and_say_why():
         report = engine.plan(model, device=device)
         # only the portable kernels (mask decision, fused linear cross-entropy) serve these devices
         assert [p.entry.name for p in report.patches] == ["sdpa_is_causal", "linear_cross_entropy"]
-        assert len(report.skipped) == 3
+        assert len(report.skipped) == 4
         assert all(f"kernel for device {device!r}" in s.reason for s in report.skipped)
 
 

@@ -40,6 +40,7 @@ SHIPPED = [
     (engine.TritonVisionRoPEKernel, "rope", "vision_rope", "cuda"),
     (engine.TritonMRoPEKernel, "rope", "mrope", "cuda"),
     (engine.TritonFusedMoEKernel, "moe", "fused_moe", "cuda"),
+    (engine.TritonEmbeddingKernel, "embedding", "embedding", "cuda"),
     (TritonLinearCrossEntropyKernel, "linear_cross_entropy", "linear_cross_entropy", "cuda"),
     (NpuLinearCrossEntropyKernel, "linear_cross_entropy", "linear_cross_entropy", "npu"),
     (CpuLinearCrossEntropyKernel, "linear_cross_entropy", "linear_cross_entropy", "cpu"),

@@ -21,6 +21,7 @@ from engine.kernels.kinds.base import NoOptions
 from engine.kernels.kinds.mrope import MRopeOptions
 from engine.kernels.kinds.rms_norm import RMSNormOptions
 from engine.kernels.kinds.swiglu import SwiGLUOptions
+from engine.kernels.triton.ops import embedding as embedding_ops
 from engine.kernels.triton.ops import library
 from engine.kernels.triton.ops import moe as moe_ops
 from engine.kernels.triton.ops import mrope as mrope_ops
@@ -99,6 +100,14 @@ def op_cases() -> dict[str, tuple]:
             ],
             (0, 1, 2, 4),
         ),
+        "embedding": (  # token 5 is used 12 times: the heavy-row launch as well; row 3 is padding
+            lambda w, ids: embedding_ops.embedding(ids, w, 3),
+            [
+                _randn(40, 24),
+                torch.tensor([[5] * 12 + [3, 0, 39], [7, 5, 3, 8, 8, 1, 2, 39, 0, 0, 1, 5, 5, 6, 9]]).to(DEVICE),
+            ],
+            (0,),
+        ),
         "fused_moe_bf16": (  # on Hopper its expert GEMMs are torch._grouped_mm (moe_grouped), elsewhere Triton's
             moe_ops.fused_moe,
             [
@@ -167,6 +176,8 @@ OPERATORS = [
     "mrope_cos_sin",
     "fused_moe",
     "fused_moe_backward",
+    "embedding",
+    "embedding_backward",
 ]
 
 
@@ -188,7 +199,11 @@ def _op_arguments() -> dict[str, tuple]:
     backward_args = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in backward_args)
     pos = torch.randint(0, 99, (3, 2, 7), device=DEVICE)
     inv_freq, table = _randn(8).abs(), mrope_kind.axis_table(8, [2, 3, 3]).to(DEVICE)
+    vocab_table = _randn(40, 24)
+    ids = torch.tensor([[5] * 12 + [3, 0, 39], [7, 5, 3, 8, 8, 1, 2, 39, 0, 0, 1, 5, 5, 6, 9]], device=DEVICE)
     return {
+        "embedding": (embedding_ops.EMBEDDING, (vocab_table.requires_grad_(), ids, 3)),
+        "embedding_backward": (embedding_ops.EMBEDDING_BACKWARD, (_randn(2, 15, 24, seed=1), ids, 40, 3)),
         "rms_norm": (rms_norm_ops.RMS_NORM, (x.requires_grad_(), w.requires_grad_(), 1e-6, 0.5, False)),
         "rms_norm_backward": (rms_norm_ops.RMS_NORM_BACKWARD, (y, x.detach(), w.detach(), rstd, 0.5, False, True)),
         "swiglu": (swiglu_ops.SWIGLU, (x.detach().clone().requires_grad_(), y.clone().requires_grad_())),
@@ -259,6 +274,13 @@ def _kernel_targets():
             (x, torch.randint(0, 50, (3, 2, 5), device=DEVICE)),
             (),
         ),
+        "embedding": (
+            engine.TritonEmbeddingKernel,
+            qwen3.model.embed_tokens,
+            NoOptions(),
+            (torch.randint(0, qwen3.config.vocab_size, (2, 5), generator=gen).to(DEVICE),),
+            (),
+        ),
         "vision_rope": (
             engine.TritonVisionRoPEKernel,
             qwen2_vl.apply_rotary_pos_emb_vision,
@@ -270,7 +292,7 @@ def _kernel_targets():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["rms_norm", "swiglu", "rope", "fused_moe", "mrope", "vision_rope"])
+@pytest.mark.parametrize("name", ["rms_norm", "swiglu", "rope", "fused_moe", "mrope", "vision_rope", "embedding"])
 def test_kernel_classes_trace_without_graph_breaks(name, backend):
     kernel, target, options, args, grad_of = _kernel_targets()[name]
     assert kernel.supports(options, *args)
@@ -331,6 +353,7 @@ EXPECTED_KERNELS = {
     "mrope_cos_sin": {"_mrope_cos_sin"},
     "fused_moe": {"_row_gemm", "_gather_sum_kernel", "_expert_wgrad"},
     "fused_moe_bf16": {"_row_gemm", "_gather_sum_kernel", "_expert_wgrad"},  # the trace runs on a CPU: no Hopper
+    "embedding": {"_embedding_grad_rows", "_embedding_grad_heavy"},
 }
 
 

@@ -29,6 +29,7 @@ DEFAULT_KIND: dict[KernelType, str] = {
     KernelType.MOE: "fused_moe",
     KernelType.LINEAR_CROSS_ENTROPY: "linear_cross_entropy",
     KernelType.ATTENTION: "sdpa_is_causal",
+    KernelType.EMBEDDING: "embedding",
 }
 
 

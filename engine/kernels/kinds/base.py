@@ -24,7 +24,7 @@ from engine.device import ValueEnum
 
 
 class KernelType(ValueEnum):
-    """The seed's kernel types (plus ATTENTION); each spec kernel kind maps onto one (see the README's table)."""
+    """The seed's kernel types (plus ATTENTION and EMBEDDING); each spec kernel kind maps onto one (README's table)."""
 
     RMSNORM = "rmsnorm"
     SWIGLU = "swiglu"
@@ -32,6 +32,7 @@ class KernelType(ValueEnum):
     MOE = "moe"
     LINEAR_CROSS_ENTROPY = "linear_cross_entropy"
     ATTENTION = "attention"  # beyond the seed: how attention is dispatched (sdpa_is_causal)
+    EMBEDDING = "embedding"  # beyond the seed: the token-embedding lookup and its weight gradient
 
 
 class NoOptions(BaseModel):

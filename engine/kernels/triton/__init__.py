@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from engine.kernels.triton.embedding import TritonEmbeddingKernel
 from engine.kernels.triton.fused_moe import TritonFusedMoEKernel
 from engine.kernels.triton.mrope import TritonMRoPEKernel
 from engine.kernels.triton.rms_norm import TritonRMSNormKernel
@@ -20,6 +21,7 @@ for _info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
+    "TritonEmbeddingKernel",
     "TritonFusedMoEKernel",
     "TritonMRoPEKernel",
     "TritonRMSNormKernel",
