@@ -10,6 +10,12 @@ itself ships drift apart in the same dtype, the scale against which the patched 
 ``--attribution`` adds a patched run without the linear cross-entropy entry, and an unpatched run of the same
 initial weights upcast to fp32: each bf16 run's gap to that fp32 run says how far it is from the exact
 result, so a patched run that differs from the unpatched one can be told apart from a patched run that is worse.
+
+``--deterministic`` runs every variant with PyTorch's deterministic algorithms (cuBLAS workspace config, SDPA's
+deterministic backward; ops without one are listed in the JSON) and adds a second unpatched run, which must
+equal the first. Without it the unpatched run is not reproducible itself in bf16 (attention backward
+accumulates with atomics), so the gaps mix that noise with the kernels' own differences; with it, a gap is the
+kernels' difference alone.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -34,6 +41,7 @@ VARIANTS = ("unpatched", "patch_before_shard", "patch_after_shard")
 NOISE_FLOOR = "unpatched_eager_attention"
 WITHOUT_LCE = "patch_before_shard_without_linear_ce"
 FP32_REFERENCE = "unpatched_fp32_reference"
+REPEAT = "unpatched_repeat"
 
 
 def build(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -117,8 +125,24 @@ def main() -> None:
     parser.add_argument(
         "--attribution", action="store_true", help=f"also run {WITHOUT_LCE} and {FP32_REFERENCE} (see the docstring)"
     )
+    parser.add_argument(
+        "--deterministic", action="store_true", help=f"deterministic algorithms, and {REPEAT} (see the docstring)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    nondeterministic: list[str] = []
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when the first cuBLAS handle is made
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        warnings.simplefilter("always")
+        show = warnings.showwarning
+
+        def record(message, category, *rest, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            if "deterministic" in str(message):
+                nondeterministic.append(str(message).splitlines()[0])
+            show(message, category, *rest, **kwargs)
+
+        warnings.showwarning = record
     args.dtype = args.dtype or ("float32" if args.model == "tiny" else "bfloat16")
     rank = int(os.environ["RANK"])
     if args.device == "cuda":
@@ -137,6 +161,7 @@ def main() -> None:
     with standin:
         variants = (*VARIANTS, *((NOISE_FLOOR,) if args.noise_floor else ()))
         variants += (WITHOUT_LCE, FP32_REFERENCE) if args.attribution else ()
+        variants += (REPEAT,) if args.deterministic else ()
         results = {variant: run(variant, args, mesh, device) for variant in variants}
     dist.barrier()
     if rank == 0:
@@ -155,6 +180,8 @@ def main() -> None:
             "model": args.model,
             "device": args.device,
             "dtype": args.dtype,
+            "deterministic": args.deterministic,
+            **({"ops_without_deterministic_algorithm": sorted(set(nondeterministic))} if args.deterministic else {}),
             "max_relative_loss_gap": gaps,
             **({"max_relative_loss_gap_to_fp32_reference": to_fp32} if to_fp32 else {}),
             **results,
