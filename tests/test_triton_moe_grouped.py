@@ -162,3 +162,25 @@ def test_a_failing_plan_note_is_reported_not_raised(monkeypatch):
     plan = engine.plan(tiny_models.build("qwen3_moe").to(DEVICE), spec="qwen3_moe", device="cuda")
     notes = [p.note for p in plan.patches if p.entry.name == "fused_moe"]
     assert notes == ["no plan note (RuntimeError: no device properties)"]
+
+
+@pytest.mark.parametrize("rows_per_program", [1, 2, 8])
+def test_row_kernels_give_the_same_bits_for_any_launch_shape(grouped_calls, monkeypatch, rows_per_program):
+    """Rows per program and column blocks change how the row kernels are launched, never a result's bits
+    (82 rows: no launch shape divides them evenly)."""
+    from engine.kernels.triton.ops import moe_rows
+
+    inputs = make_inputs(41, 64, 32, 8, 2, torch.bfloat16, skew=True)
+    want = outputs_and_grads(fused_moe, *inputs)
+    shapes = {name: (rows_per_program, 16, 1) for name in moe_rows.TUNING}  # 16 columns: several column blocks
+    monkeypatch.setattr(moe_rows, "TUNING", shapes)
+    for name, g, w in zip(NAMES, outputs_and_grads(fused_moe, *inputs), want, strict=True):
+        assert torch.equal(g, w), name
+
+
+def test_gather_rows_takes_any_row_stride():
+    from engine.kernels.triton.ops.moe_rows import gather_rows
+
+    src = torch.randn(9, 40, device=DEVICE)[:, :24]  # rows 40 apart, 24 columns read
+    index = torch.tensor([3, 0, 8, 8, 1, 5, 2], device=DEVICE)
+    assert torch.equal(gather_rows(src, index), src.index_select(0, index))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from engine.kernels.triton.ops.moe_routing import Routing
-from engine.kernels.triton.ops.moe_rows import gather_sum, swiglu_rows, swiglu_rows_backward
+from engine.kernels.triton.ops.moe_rows import gather_rows, gather_sum, swiglu_rows, swiglu_rows_backward
 
 _INT32_ROWS = 2**31
 
@@ -56,6 +56,11 @@ def fits(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, r
     return x.dtype == torch.bfloat16 and 0 < rows < _INT32_ROWS and weights_fit(gate_up_proj, down_proj, x.device)
 
 
+def _in_expert_order(t: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Token rows ``t[token_of_row]``, the grouped GEMMs' row operand."""
+    return gather_rows(t if t.stride(1) == 1 else t.contiguous(), routing.token_of_row)
+
+
 def _offsets(routing: Routing) -> torch.Tensor:
     """Each expert's end row, the ``offs`` of ``torch._grouped_mm``."""
     return routing.expert_end.to(torch.int32)
@@ -75,7 +80,7 @@ def forward(
     stored here, which saves ``T * K * I`` elements per layer at no extra memory traffic.
     """
     offs = _offsets(routing)
-    x_rows = x.index_select(0, routing.token_of_row)
+    x_rows = _in_expert_order(x, routing)
     gate_up = torch._grouped_mm(x_rows, gate_up_proj.transpose(1, 2), offs=offs)
     y = torch._grouped_mm(swiglu_rows(gate_up), down_proj.transpose(1, 2), offs=offs)
     out = gather_sum(y, routing.inverse, x.shape[0], top_k, x.dtype, row_scale=row_weight)
@@ -101,7 +106,7 @@ def backward(
     routing-weight gradient is ``<d_out @ down, act>``, and ``d_down = d_out^T @ (w * act)`` per expert.
     """
     offs = _offsets(routing)
-    d_rows = d_out.index_select(0, routing.token_of_row)
+    d_rows = _in_expert_order(d_out, routing)
     d_act = torch._grouped_mm(d_rows, down_proj, offs=offs)
     d_gate_up, act_scaled, d_row_weight = swiglu_rows_backward(gate_up, d_act, row_weight)
     empty = x.new_empty(0)
@@ -112,6 +117,6 @@ def backward(
         d_x = gather_sum(d_x_rows, routing.inverse, x.shape[0], top_k, x.dtype)
     d_gate_up_proj = empty
     if want_d_gate_up_proj:
-        x_rows = x.index_select(0, routing.token_of_row)
+        x_rows = _in_expert_order(x, routing)
         d_gate_up_proj = torch._grouped_mm(d_gate_up.t(), x_rows, offs=offs)
     return d_x, d_gate_up_proj, d_down, d_row_weight
