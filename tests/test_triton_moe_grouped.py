@@ -176,11 +176,3 @@ def test_row_kernels_give_the_same_bits_for_any_launch_shape(grouped_calls, monk
     monkeypatch.setattr(moe_rows, "TUNING", shapes)
     for name, g, w in zip(NAMES, outputs_and_grads(fused_moe, *inputs), want, strict=True):
         assert torch.equal(g, w), name
-
-
-def test_gather_rows_takes_any_row_stride():
-    from engine.kernels.triton.ops.moe_rows import gather_rows
-
-    src = torch.randn(9, 40, device=DEVICE)[:, :24]  # rows 40 apart, 24 columns read
-    index = torch.tensor([3, 0, 8, 8, 1, 5, 2], device=DEVICE)
-    assert torch.equal(gather_rows(src, index), src.index_select(0, index))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from engine.kernels.triton.ops.moe_routing import Routing
-from engine.kernels.triton.ops.moe_rows import gather_rows, gather_sum, swiglu_rows, swiglu_rows_backward
+from engine.kernels.triton.ops.moe_rows import gather_sum, swiglu_rows, swiglu_rows_backward
 
 _INT32_ROWS = 2**31
 
@@ -57,8 +57,10 @@ def fits(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, r
 
 
 def _in_expert_order(t: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Token rows ``t[token_of_row]``, the grouped GEMMs' row operand."""
-    return gather_rows(t if t.stride(1) == 1 else t.contiguous(), routing.token_of_row)
+    """Token rows ``t[token_of_row]``, the grouped GEMMs' row operand. An ``index_select``, not a kernel of ours:
+    compiled, Inductor fuses it with the ops that produce ``t`` (measured on an H200, a Triton gather of our own
+    made the compiled Qwen3-MoE step 1.3 ms slower at equal GPU time)."""
+    return t.index_select(0, routing.token_of_row)
 
 
 def _offsets(routing: Routing) -> torch.Tensor:

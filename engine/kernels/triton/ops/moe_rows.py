@@ -1,8 +1,7 @@
 """Row-wise kernels around the fused MoE's expert GEMMs, in routing (expert-sorted) row order.
 
-``gather_rows`` lays token rows out in expert order for the GEMMs; ``gather_sum`` folds each token's K expert rows
-back into one row (optionally scaled by the routing weight); the two SwiGLU kernels are the epilogues that
-``moe_grouped`` cannot fuse into a library GEMM.
+``gather_sum`` folds each token's K expert rows back into one row (optionally scaled by the routing weight); the
+two SwiGLU kernels are the epilogues that ``moe_grouped`` cannot fuse into a library GEMM.
 All accumulate in fp32; rows may have any stride, columns are contiguous (every tensor here is one the MoE
 operators allocated themselves).
 """
@@ -18,28 +17,13 @@ from engine.kernels.triton.ops.swiglu import silu_mul, silu_mul_backward
 from engine.kernels.triton.runtime import cdiv, next_power_of_2
 
 # Rows per program, columns per program (at most) and warps of each kernel. Picked on an H200 by each kernel's GPU
-# time in one 30B-A3B layer fwd+bwd (T=8192, bf16; a sweep over 1-8 rows, 512-2048 columns, 4-8 warps):
-# the gather moves 0.087 ms a call against 0.12 for Inductor's index_select.
+# time in one 30B-A3B layer fwd+bwd (T=8192, bf16; a sweep over 1-8 rows, 512-2048 columns, 4-8 warps). In the
+# compiled Qwen3-MoE step the SwiGLU backward went from 0.71 ms (one row per program, session 7) to 0.60.
 TUNING: dict[str, tuple[int, int, int]] = {
-    "gather_rows": (4, 512, 4),
     "gather_sum": (1, 1024, 4),
     "swiglu_rows": (2, 1024, 4),
     "swiglu_rows_backward": (2, 512, 4),
 }
-
-
-@triton.jit
-def _gather_rows_kernel(
-    SRC, DST, INDEX, n_rows, hidden, stride_s, stride_d, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr
-):
-    """DST[r] = SRC[INDEX[r]]."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < n_rows
-    mask = row_mask[:, None] & (hs < hidden)[None, :]
-    src_rows = tl.load(INDEX + rows, mask=row_mask, other=0).to(tl.int64)
-    values = tl.load(SRC + src_rows[:, None] * stride_s + hs[None, :], mask=mask, other=0.0)
-    tl.store(DST + rows.to(tl.int64)[:, None] * stride_d + hs[None, :], values, mask=mask)
 
 
 @triton.jit
@@ -131,29 +115,6 @@ def _launch_shape(name: str, rows: int, cols: int) -> tuple[int, int, int, int]:
     block_r, max_block, warps = TUNING[name]
     block = min(max_block, next_power_of_2(cols))
     return block_r, block, cdiv(cols, block), warps
-
-
-def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``src[index]`` for a 2-D ``src`` with contiguous rows (``index_select`` as one Triton pass)."""
-    rows, hidden = index.shape[0], src.shape[1]
-    out = torch.empty(rows, hidden, dtype=src.dtype, device=src.device)
-    if rows:
-        block_r, block_h, col_blocks, warps = _launch_shape("gather_rows", rows, hidden)
-        run_kernel(
-            _gather_rows_kernel,
-            (cdiv(rows, block_r), col_blocks),
-            src,
-            out,
-            index,
-            rows,
-            hidden,
-            src.stride(0),
-            out.stride(0),
-            BLOCK_R=block_r,
-            BLOCK_H=block_h,
-            num_warps=warps,
-        )
-    return out
 
 
 def gather_sum(
