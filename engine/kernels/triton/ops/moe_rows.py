@@ -110,8 +110,8 @@ def _swiglu_rows_backward_kernel(
     tl.store(D_ROW_SCALE + rows, tl.sum(d_scale, axis=1), mask=row_mask)
 
 
-def _launch_shape(name: str, rows: int, cols: int) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK, column blocks, warps) of ``TUNING[name]`` for ``rows`` x ``cols``."""
+def _launch_shape(name: str, cols: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK, column blocks, warps) of ``TUNING[name]`` for rows of ``cols`` columns."""
     block_r, max_block, warps = TUNING[name]
     block = min(max_block, next_power_of_2(cols))
     return block_r, block, cdiv(cols, block), warps
@@ -130,7 +130,7 @@ def gather_sum(
     out = torch.empty(tokens, hidden, dtype=dtype, device=src.device)
     if tokens == 0:
         return out
-    block_r, block_h, col_blocks, warps = _launch_shape("gather_sum", tokens, hidden)
+    block_r, block_h, col_blocks, warps = _launch_shape("gather_sum", hidden)
     run_kernel(
         _gather_sum_kernel,
         (cdiv(tokens, block_r), col_blocks),
@@ -156,7 +156,7 @@ def swiglu_rows(gate_up: torch.Tensor) -> torch.Tensor:
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     act = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
     if rows:
-        block_r, block, col_blocks, warps = _launch_shape("swiglu_rows", rows, inter)
+        block_r, block, col_blocks, warps = _launch_shape("swiglu_rows", inter)
         run_kernel(
             _swiglu_rows_kernel,
             (cdiv(rows, block_r), col_blocks),
@@ -182,7 +182,7 @@ def swiglu_rows_backward(
     act_scaled = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
     d_row_scale = torch.empty(rows, dtype=torch.float32, device=gate_up.device)
     if rows:
-        block_r, block, _, warps = _launch_shape("swiglu_rows_backward", rows, inter)
+        block_r, block, _, warps = _launch_shape("swiglu_rows_backward", inter)
         run_kernel(
             _swiglu_rows_backward_kernel,
             (cdiv(rows, block_r),),
