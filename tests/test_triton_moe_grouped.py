@@ -167,12 +167,12 @@ def test_a_failing_plan_note_is_reported_not_raised(monkeypatch):
 @pytest.mark.parametrize("rows_per_program", [1, 2, 8])
 def test_row_kernels_give_the_same_bits_for_any_launch_shape(grouped_calls, monkeypatch, rows_per_program):
     """Rows per program and column blocks change how the row kernels are launched, never a result's bits
-    (82 rows: no launch shape divides them evenly)."""
+    (82 rows: 8 per program leave a ragged last block; 16 of 32 columns per program: two column blocks)."""
     from engine.kernels.triton.ops import moe_rows
 
     inputs = make_inputs(41, 64, 32, 8, 2, torch.bfloat16, skew=True)
     want = outputs_and_grads(fused_moe, *inputs)
-    shapes = {name: (rows_per_program, 16, 1) for name in moe_rows.TUNING}  # 16 columns: several column blocks
+    shapes = {name: (rows_per_program, 16, 1) for name in moe_rows.TUNING}
     monkeypatch.setattr(moe_rows, "TUNING", shapes)
     for name, g, w in zip(NAMES, outputs_and_grads(fused_moe, *inputs), want, strict=True):
         assert torch.equal(g, w), name
