@@ -20,13 +20,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fsdp2_patch_before_and_after_sharding_match_unpatched(tmp_path):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fsdp2_patch_before_and_after_sharding_match_unpatched(tmp_path, deterministic):
     out = tmp_path / "fsdp2.json"
     path = os.pathsep.join(filter(None, [str(SCRIPT.parents[2]), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
         "--master-port", str(_free_port()), str(SCRIPT), "--device", "cpu", "--steps", "4", "--out", str(out),
+        *(["--deterministic"] if deterministic else []),
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if not out.exists():
@@ -38,3 +40,7 @@ def test_fsdp2_patch_before_and_after_sharding_match_unpatched(tmp_path):
         for got, want in zip(result[variant]["losses"], base, strict=True):
             assert abs(got - want) <= 1e-5 * abs(want), (variant, result[variant]["losses"], base)
     assert "DTensor" in result["patch_after_shard"]["report"]  # probed on simulated weights, and said so
+    assert result["deterministic"] is deterministic
+    if deterministic:  # the repeated unpatched run reproduces the first exactly
+        assert result["unpatched_repeat"]["losses"] == base
+        assert result["max_relative_loss_gap"]["unpatched_repeat"] == 0.0
