@@ -25,10 +25,15 @@ def reference(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None =
     return F.embedding(ids, weight, padding_idx)
 
 
+def plain_lookup(module: nn.Module) -> bool:
+    """Whether the module's class keeps ``nn.Embedding.forward`` (its output is the plain lookup)."""
+    return type(module).forward is nn.Embedding.forward
+
+
 def check(module: Any, options: Any) -> str | None:
     if not isinstance(module, nn.Embedding):
         return f"{type(module).__name__} is not an nn.Embedding"
-    if type(module).forward is not nn.Embedding.forward:
+    if not plain_lookup(module):
         return f"{type(module).__name__} overrides nn.Embedding.forward; its output is not the plain lookup"
     if module.max_norm is not None:
         return "max_norm renormalises the weight in forward; the kernel leaves weights alone"

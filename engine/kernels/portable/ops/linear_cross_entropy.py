@@ -137,6 +137,13 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool
         acc.add_(torch.mm(a, b))
 
 
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for the block where it is enabled (the op's GEMMs run in the dtypes they are given)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 @torch.library.custom_op("engine::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_op(
     hidden: torch.Tensor,
@@ -153,10 +160,8 @@ def linear_cross_entropy_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d loss / d hidden, d loss / d weight); a gradient not asked for is an empty tensor. When the
     weight gradient is deferred (:func:`defers_weight_grad`) the third is d loss / d logits ``[N, V]`` instead."""
-    device_type = hidden.device.type
     # the caller already cast to the autocast dtype; the GEMMs and the accumulation must run as written
-    autocast = torch.is_autocast_enabled(device_type)
-    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+    with _autocast_off(hidden.device.type):
         chunk_loss = CHUNK_LOSSES[impl]
         hidden = hidden.contiguous()
         n, vocab = hidden.shape[0], weight.shape[0]
@@ -231,7 +236,6 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     ctx.grads = (inputs[8], inputs[9])
 
 
-_no_context = contextlib.nullcontext()
 SCALE_BLOCK = 1 << 24  # elements upcast at a time when a half-precision gradient is scaled in place
 
 
@@ -254,8 +258,7 @@ def _backward(ctx, grad_loss: torch.Tensor, _d_hidden: torch.Tensor, _d_weight: 
     d_hidden, d_weight, hidden = ctx.saved_tensors
     want_hidden, want_weight = ctx.grads
     if want_weight and ctx.deferred:  # d_weight holds the logits gradient: d loss/d weight = d_logits.T @ hidden
-        device_type = hidden.device.type
-        with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else _no_context:
+        with _autocast_off(hidden.device.type):
             d_weight = torch.mm(d_weight.t(), (hidden.float() * grad_loss).to(hidden.dtype))
     elif want_weight:
         d_weight = _scaled(d_weight, grad_loss)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.kinds.embedding import INDEX_DTYPES
 from engine.kernels.triton.ops.library import KernelOp, run_kernel
 from engine.kernels.triton.runtime import cdiv, next_power_of_2
 
@@ -173,7 +174,7 @@ EMBEDDING = KernelOp("embedding", _forward, setup_context=_setup_context, backwa
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None) -> torch.Tensor:
     """``weight[ids]`` with the weight gradient of this module (``padding_idx`` rows get none)."""
-    if weight.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
+    if weight.dim() != 2 or ids.dtype not in INDEX_DTYPES:
         raise ValueError(f"embedding: weight {tuple(weight.shape)} must be 2-D and ids ({ids.dtype}) int32/int64")
     if padding_idx is not None and padding_idx < 0:
         padding_idx += weight.shape[0]
