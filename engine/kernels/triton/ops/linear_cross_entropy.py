@@ -9,8 +9,10 @@ chunk needs no second buffer.
 
 One program per row: pass 1 is an online log-sum-exp over the row in blocks (fp32), and reads the target logit;
 pass 2 writes ``(softmax - onehot) / denominator`` (times ``1 - tanh^2`` under softcapping) back over the row in
-the logits dtype. Ignored rows get loss 0 and gradient 0. Targets outside ``[0, V)`` that are not
-``ignore_index`` are clamped (transformers raises on them; this kernel does not check).
+the logits dtype, last block first: the blocks pass 1 read last are the likeliest still in L2 (an H200
+microbenchmark at 8192 x 151936 bf16: 1.81 ms against 1.92 in row order, 1.16 for a plain copy of the logits).
+Ignored rows get loss 0 and gradient 0. Targets outside ``[0, V)`` that are not ``ignore_index`` are clamped
+(transformers raises on them; this kernel does not check).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from engine.kernels.portable.ops.linear_cross_entropy import register_chunk_loss
 from engine.kernels.triton.launch import launch
 from engine.kernels.triton.runtime import next_power_of_2
 
-MAX_BLOCK = 8192
+MAX_BLOCK = 4096
 
 
 @triton.jit
@@ -73,7 +75,9 @@ def _chunk_loss_kernel(
 
     if WITH_GRAD:
         scale = tl.where(valid, 1.0 / tl.load(DENOM), 0.0)
-        for start in range(0, vocab, BLOCK):
+        blocks = tl.cdiv(vocab, BLOCK)
+        for i in range(0, blocks):
+            start = (blocks - 1 - i) * BLOCK
             mask = start + cols < vocab
             x = tl.load(base + start + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
@@ -117,7 +121,7 @@ def triton_chunk_loss(
         HAS_SOFTCAP=softcap is not None,
         WITH_GRAD=with_grad,
         BLOCK=block,
-        num_warps=16 if block >= 4096 else 4,
+        num_warps=8 if block >= 4096 else 4,
     )
 
 
