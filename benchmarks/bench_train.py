@@ -43,11 +43,13 @@ VARIANTS = {
 DEFAULT_VARIANTS = ["transformers", "engine", "transformers+compile", "engine+compile", "liger", "liger+flce"]
 
 
-def _engine_spec(model_name: str, variant: str, lce_options: dict[str, Any] | None = None):
+def _engine_spec(
+    model_name: str, variant: str, lce_options: dict[str, Any] | None = None, without: tuple[str, ...] = ()
+):
     """The model's built-in spec as ``variant`` asks for it: without its linear cross-entropy entry unless
     ``+lce`` (then with ``lce_options`` over the entry's own options); with ``+recompute``, the SwiGLU entry
-    recomputes its projections in backward; ``+nomoe`` leaves the fused MoE entry out. Changed entries are
-    validated again, like a spec file."""
+    recomputes its projections in backward; ``+nomoe`` leaves the fused MoE entry out, ``without`` the entries
+    it names (an A/B of one entry). Changed entries are validated again, like a spec file."""
     from engine.catalog import find_spec
     from engine.spec import SpecEntry
 
@@ -59,7 +61,7 @@ def _engine_spec(model_name: str, variant: str, lce_options: dict[str, Any] | No
             if "+lce" not in variant:
                 continue
             extra = lce_options or {}
-        if entry.kernel == "fused_moe" and "+nomoe" in variant:
+        if (entry.kernel == "fused_moe" and "+nomoe" in variant) or entry.name in without:
             continue
         if entry.kernel == "swiglu" and "+recompute" in variant:
             extra = {"recompute": "projections"}
@@ -79,14 +81,14 @@ def _apply_liger(model: torch.nn.Module, model_name: str, flce: bool) -> None:
 
 
 def prepare(
-    model_name: str, variant: str, lce_options: dict[str, Any] | None = None
+    model_name: str, variant: str, lce_options: dict[str, Any] | None = None, without: tuple[str, ...] = ()
 ) -> tuple[torch.nn.Module, dict[str, Any] | None]:
     model = build_model(model_name)
     report = None
     if variant.startswith("engine"):
         import engine
 
-        spec = _engine_spec(model_name, variant, lce_options)
+        spec = _engine_spec(model_name, variant, lce_options, without)
         handle = engine.apply(model, spec=spec, device="cuda")
         report = handle.report.to_dict()
     elif variant.startswith("liger"):
@@ -112,12 +114,13 @@ def run_one(
     warmup: int,
     lce_options: dict[str, Any],
     optimizer_impl: str,
+    without: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """One (model, variant, shape) in this process: warm-up, then timed steps."""
     from tqdm import tqdm
 
     torch.manual_seed(0)
-    model, report = prepare(model_name, variant, lce_options)
+    model, report = prepare(model_name, variant, lce_options, without)
     fused = optimizer_impl == "fused"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=not fused, fused=fused)
     vocab = vocab_of(model_name)
@@ -169,7 +172,7 @@ def run_isolated(args: argparse.Namespace, model_name: str, variant: str, seq: i
     command = [sys.executable, "-m", "benchmarks.bench_train", "--worker", model_name, variant]
     command += ["--batch", str(args.batch), "--seqs", str(seq), "--steps", str(args.steps)]
     command += ["--warmup", str(args.warmup), "--lce-options", json.dumps(args.lce_options)]
-    command += ["--optimizer", args.optimizer]
+    command += ["--optimizer", args.optimizer, "--without", *args.without]
     shape = {"model": model_name, "variant": variant, "batch": args.batch, "seq": seq}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
@@ -256,13 +259,24 @@ def main() -> None:
         default="foreach",
         help="AdamW implementation: foreach (torch.optim's default) or fused (transformers Trainer's default)",
     )
+    parser.add_argument(
+        "--without", nargs="*", default=[], metavar="ENTRY", help="spec entries the engine variants leave out"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         model_name, variant = args.worker
         try:
             row = run_one(
-                model_name, variant, args.batch, args.seqs[0], args.steps, args.warmup, args.lce_options, args.optimizer
+                model_name,
+                variant,
+                args.batch,
+                args.seqs[0],
+                args.steps,
+                args.warmup,
+                args.lce_options,
+                args.optimizer,
+                tuple(args.without),
             )
         except torch.OutOfMemoryError:
             row = out_of_memory(model_name, variant, args.batch, args.seqs[0])
@@ -282,6 +296,7 @@ def main() -> None:
                     "variants": {v: VARIANTS[v] for v in args.variants},
                     "lce_options": args.lce_options,
                     "optimizer": f"AdamW ({args.optimizer})",
+                    "engine_entries_left_out": args.without,
                     "summary": summarise(results),
                     "runs": results,
                 }
