@@ -30,6 +30,7 @@ KERNELS = {
     "linear_cross_entropy": {"_chunk_loss_kernel"},
     "embedding": {"_embedding_grad_rows", "_embedding_grad_heavy"},
     "sdpa_is_causal": set(),  # a decision in Python, no launch (its effect is under compile: test_sdpa_is_causal)
+    "rope_table": set(),  # plain PyTorch, and only under compile (test_rope_table)
 }
 EXERCISED = {  # kinds a text-only batch does not reach: the Qwen2-VL vision tower's RoPE
     family: {e.kernel for e in find_spec(family).entries} - {"vision_rope"} for family in tiny_models.TINY_MODELS

@@ -65,7 +65,7 @@ def test_apply_available_kernels_skips_manual_entries_and_reports_why(npu_standi
     assert engine.apply_available_kernels(model, device="npu", verbose=False) is model
     report = engine.kernel_report(model)
     patched = {p.entry for p in report.patched}
-    assert patched == {"rms_norm", "swiglu", "rope", "sdpa_is_causal", "linear_cross_entropy"}
+    assert patched == {"rms_norm", "swiglu", "rope", "rope_table", "sdpa_is_causal", "linear_cross_entropy"}
     reasons = {s.entry: s.reason for s in report.skipped}
     assert "manual" in reasons["fused_moe"] and "spec='qwen3_moe'" in reasons["fused_moe"]
     assert type(model.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
@@ -81,6 +81,7 @@ def test_explicit_spec_applies_manual_moe_entry(npu_standin):
         "rms_norm",
         "swiglu",
         "rope",
+        "rope_table",
         "fused_moe",
         "sdpa_is_causal",
         "linear_cross_entropy",
@@ -122,12 +123,14 @@ def test_discover_kernels_lists_available_kernel_classes(npu_standin):
     model = tiny_models.build("qwen3_moe")
     found = engine.discover_kernels(model, device="npu")
     from engine.kernels.npu.linear_cross_entropy import NpuLinearCrossEntropyKernel
+    from engine.kernels.portable.rope_table import NpuRopeTableKernel
     from engine.kernels.portable.sdpa_is_causal import NpuSdpaIsCausalKernel
 
     assert set(found) == {
         engine.NpuRMSNormKernel,
         engine.NpuSwiGluKernel,
         engine.NpuRoPEKernel,
+        NpuRopeTableKernel,
         NpuSdpaIsCausalKernel,
         NpuLinearCrossEntropyKernel,
     }

@@ -41,8 +41,8 @@ def test_missing_triton_skips_with_reason(monkeypatch):
     monkeypatch.setattr("engine.kernels.triton.runtime.triton_installed", lambda: False)
     model = tiny_models.build("qwen3")
     report = engine.plan(model, device="cuda")
-    # every Triton entry is skipped with the reason; the mask decision is plain Python and needs no Triton
-    assert [p.entry.name for p in report.patches] == ["sdpa_is_causal"]
+    # every Triton entry is skipped with the reason; the table op and the mask decision are plain PyTorch
+    assert [p.entry.name for p in report.patches] == ["rope_table", "sdpa_is_causal"]
     assert len(report.skipped) == 5 and all("triton is not installed" in s.reason for s in report.skipped)
 
 
@@ -50,8 +50,8 @@ def test_cpu_and_xpu_keep_original_forward_and_say_why():
     model = tiny_models.build("llama")
     for device in ("cpu", "xpu"):
         report = engine.plan(model, device=device)
-        # only the portable kernels (mask decision, fused linear cross-entropy) serve these devices
-        assert [p.entry.name for p in report.patches] == ["sdpa_is_causal", "linear_cross_entropy"]
+        # only the portable kernels (rope table, mask decision, fused linear cross-entropy) serve these devices
+        assert [p.entry.name for p in report.patches] == ["rope_table", "sdpa_is_causal", "linear_cross_entropy"]
         assert len(report.skipped) == 4
         assert all(f"kernel for device {device!r}" in s.reason for s in report.skipped)
 

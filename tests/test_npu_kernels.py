@@ -69,11 +69,11 @@ def test_old_torch_npu_skips_entries_with_reasons(npu_standin):
     model = tiny_models.build("qwen3_moe")
     npu_standin.__version__ = "2.6.0.post2"  # release 7.1.0.2
     patched, skipped = _reasons(model, "qwen3_moe")
-    assert patched == {"rms_norm", "swiglu", "rope", "sdpa_is_causal", "linear_cross_entropy"}
+    assert patched == {"rms_norm", "swiglu", "rope", "rope_table", "sdpa_is_causal", "linear_cross_entropy"}
     assert "predates release 7.2.0" in skipped["fused_moe"] and "2.6.0.post3" in skipped["fused_moe"]
     npu_standin.__version__ = "2.4.0.post2"  # release 6.0.0
     patched, skipped = _reasons(model, "qwen3_moe")
-    assert patched == {"rms_norm", "swiglu", "sdpa_is_causal", "linear_cross_entropy"}
+    assert patched == {"rms_norm", "swiglu", "rope_table", "sdpa_is_causal", "linear_cross_entropy"}
     assert "release 7.0.0" in skipped["rope"]
     with engine.apply(model, spec="qwen3_moe", device="npu", verbose=False):
         model(**tiny_models.sample_batch(model)).loss.backward()  # what remains patched still runs

@@ -160,7 +160,7 @@ def test_kernel_report_merges_handles_in_order(npu_standin):
     engine.apply_kernel(model, engine.NpuRMSNormKernel, verbose=False)
     engine.apply(model, spec="qwen3_moe", verbose=False)
     report = engine.kernel_report(model)
-    entries = ["rms_norm", "swiglu", "rope", "fused_moe", "sdpa_is_causal", "linear_cross_entropy"]
+    entries = ["rms_norm", "swiglu", "rope", "rope_table", "fused_moe", "sdpa_is_causal", "linear_cross_entropy"]
     assert [p.entry for p in report.patched] == entries
     assert report.device == "npu" and report.specs == ["qwen3_moe"]
     assert any("already patched" in s.reason for s in report.skipped)

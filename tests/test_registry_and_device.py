@@ -11,6 +11,13 @@ from engine.kernels.portable.linear_cross_entropy import (
     MpsLinearCrossEntropyKernel,
     XpuLinearCrossEntropyKernel,
 )
+from engine.kernels.portable.rope_table import (
+    CpuRopeTableKernel,
+    CudaRopeTableKernel,
+    MpsRopeTableKernel,
+    NpuRopeTableKernel,
+    XpuRopeTableKernel,
+)
 from engine.kernels.portable.sdpa_is_causal import (
     CpuSdpaIsCausalKernel,
     CudaSdpaIsCausalKernel,
@@ -28,6 +35,7 @@ SDPA_IS_CAUSAL = (
     XpuSdpaIsCausalKernel,
     MpsSdpaIsCausalKernel,
 )
+ROPE_TABLE = (CudaRopeTableKernel, NpuRopeTableKernel, CpuRopeTableKernel, XpuRopeTableKernel, MpsRopeTableKernel)
 SHIPPED = [
     (engine.NpuRMSNormKernel, "rmsnorm", "rms_norm", "npu"),
     (engine.NpuSwiGluKernel, "swiglu", "swiglu", "npu"),
@@ -47,6 +55,7 @@ SHIPPED = [
     (MpsLinearCrossEntropyKernel, "linear_cross_entropy", "linear_cross_entropy", "mps"),
     (XpuLinearCrossEntropyKernel, "linear_cross_entropy", "linear_cross_entropy", "xpu"),
     *((cls, "attention", "sdpa_is_causal", cls.device.value) for cls in SDPA_IS_CAUSAL),
+    *((cls, "rope", "rope_table", cls.device.value) for cls in ROPE_TABLE),
 ]
 
 

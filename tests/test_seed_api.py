@@ -119,6 +119,7 @@ def test_documented_snippets_run_as_written(on_npu):
             "Kernel: NpuRMSNormKernel, Type: rmsnorm, Device: npu",
             "Kernel: NpuSwiGLUKernel, Type: swiglu, Device: npu",
             "Kernel: NpuRoPEKernel, Type: rope, Device: npu",
+            "Kernel: NpuRopeTableKernel, Type: rope, Device: npu",
             "Kernel: NpuLinearCrossEntropyKernel, Type: linear_cross_entropy, Device: npu",
         ]
     )
@@ -140,10 +141,11 @@ def test_discover_kernels_without_a_model_lists_this_devices_registered_kernels(
     accelerator("npu")
     npu = discover_kernels()
     seed_kernels = {"NpuRMSNormKernel", "NpuSwiGLUKernel", "NpuRoPEKernel", "NpuFusedMoEKernel"}
-    assert {k.__name__ for k in npu} == seed_kernels | {"NpuLinearCrossEntropyKernel", "NpuSdpaIsCausalKernel"}
+    portable = {"NpuLinearCrossEntropyKernel", "NpuRopeTableKernel", "NpuSdpaIsCausalKernel"}
+    assert {k.__name__ for k in npu} == seed_kernels | portable
     assert engine.NpuQwen2VLRoPEKernel not in npu  # auto_register = False: not registered
     accelerator(None)  # no accelerator: cpu, where only the portable kernels are registered
-    assert [k.kind for k in discover_kernels()] == ["linear_cross_entropy", "sdpa_is_causal"]
+    assert [k.kind for k in discover_kernels()] == ["linear_cross_entropy", "rope_table", "sdpa_is_causal"]
 
 
 def test_apply_kernel_of_another_device_is_a_value_error_naming_detected_device(accelerator):

@@ -18,6 +18,7 @@ def test_training_yaml_use_v1_kernels_applies_all_available(tmp_path, npu_standi
         "rms_norm",
         "swiglu",
         "rope",
+        "rope_table",
         "sdpa_is_causal",
         "linear_cross_entropy",
     }
@@ -71,5 +72,5 @@ def test_cli_plan_from_config_on_meta_weights(tmp_path, capsys, npu_standin):
     tiny_models.build("qwen3_moe").config.save_pretrained(tmp_path)
     assert main(["plan", "--config", str(tmp_path), "--device", "npu", "--manual", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    entries = {"rms_norm", "swiglu", "rope", "fused_moe", "sdpa_is_causal", "linear_cross_entropy"}
+    entries = {"rms_norm", "swiglu", "rope", "rope_table", "fused_moe", "sdpa_is_causal", "linear_cross_entropy"}
     assert {p["entry"] for p in data["patched"]} == entries

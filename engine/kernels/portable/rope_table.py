@@ -1,0 +1,64 @@
+"""``rope_table`` kernel classes: one operator of plain PyTorch, the same on every device (see the kind)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.device import torch_npu_installed
+from engine.kernels.base import MetaKernel
+from engine.kernels.kinds.rope_table import fits, scaling_of
+from engine.kernels.npu.base import INSTALL_HINT
+
+
+class RopeTableKernel(MetaKernel):
+    """Inside ``torch.compile``: the table from ``engine::rope_table``. Eager calls, and a table someone
+    differentiates through, run the module's own forward."""
+
+    @classmethod
+    def supports(cls, options: Any, x: Any, position_ids: Any) -> bool:
+        return torch.compiler.is_compiling() and fits(x, position_ids)
+
+    @classmethod
+    def plan_note(cls, target: Any, options: Any) -> str | None:
+        return "one operator under torch.compile; eager calls run the module's forward"
+
+    @classmethod
+    def run(cls, module: nn.Module, options: Any, x: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        if module.inv_freq.requires_grad:
+            return type(module).forward(module, x, position_ids)
+        from engine.kernels.portable.ops.rope_table import rope_table
+
+        return rope_table(module.inv_freq.to(x.device), position_ids, scaling_of(module), x.dtype)
+
+
+class CudaRopeTableKernel(RopeTableKernel):
+    type = "rope_table"
+    device = "cuda"
+
+
+class NpuRopeTableKernel(RopeTableKernel):
+    type = "rope_table"
+    device = "npu"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """No op of its own, but an NPU model runs nothing without torch_npu: skipped with the same reason."""
+        return None if torch_npu_installed() else INSTALL_HINT
+
+
+class CpuRopeTableKernel(RopeTableKernel):
+    type = "rope_table"
+    device = "cpu"
+
+
+class XpuRopeTableKernel(RopeTableKernel):
+    type = "rope_table"
+    device = "xpu"
+
+
+class MpsRopeTableKernel(RopeTableKernel):
+    type = "rope_table"
+    device = "mps"
