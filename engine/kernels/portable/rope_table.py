@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.device import torch_npu_installed
+from engine.device import DeviceType, torch_npu_installed
 from engine.kernels.base import MetaKernel
 from engine.kernels.kinds.rope_table import fits, scaling_of
 from engine.kernels.npu.base import INSTALL_HINT
@@ -15,7 +15,11 @@ from engine.kernels.npu.base import INSTALL_HINT
 
 class RopeTableKernel(MetaKernel):
     """Inside ``torch.compile``: the table from ``engine::rope_table``. Eager calls, and a table someone
-    differentiates through, run the module's own forward."""
+    differentiates through, run the module's own forward. Plain PyTorch: it serves tensors on any device."""
+
+    @classmethod
+    def tensor_devices(cls) -> frozenset[str]:
+        return frozenset(d.value for d in DeviceType)
 
     @classmethod
     def supports(cls, options: Any, x: Any, position_ids: Any) -> bool:
