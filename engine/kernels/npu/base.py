@@ -47,6 +47,15 @@ def standin_active() -> bool:
     return bool(getattr(sys.modules.get("torch_npu"), "__engine_standin__", False))
 
 
+class NeedsTorchNpu:
+    """Mixin of the portable kernels' NPU classes: no op of their own, but an NPU model runs nothing without
+    torch_npu, so they are skipped with the same reason as the NPU kernels."""
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return None if torch_npu_installed() else INSTALL_HINT
+
+
 class NpuKernel(MetaKernel):
     """Base of the NPU kernels (declares no type/device itself, so it does not register)."""
 

@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.device import DeviceType, torch_npu_installed
+from engine.device import DeviceType
 from engine.kernels.base import MetaKernel
 from engine.kernels.kinds.rope_table import fits, scaling_of
-from engine.kernels.npu.base import INSTALL_HINT
+from engine.kernels.npu.base import NeedsTorchNpu
 
 
 class RopeTableKernel(MetaKernel):
@@ -43,14 +43,9 @@ class CudaRopeTableKernel(RopeTableKernel):
     device = "cuda"
 
 
-class NpuRopeTableKernel(RopeTableKernel):
+class NpuRopeTableKernel(NeedsTorchNpu, RopeTableKernel):
     type = "rope_table"
     device = "npu"
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        """No op of its own, but an NPU model runs nothing without torch_npu: skipped with the same reason."""
-        return None if torch_npu_installed() else INSTALL_HINT
 
 
 class CpuRopeTableKernel(RopeTableKernel):

@@ -6,11 +6,10 @@ from typing import Any
 
 import torch
 
-from engine.device import torch_npu_installed
 from engine.kernels.base import MetaKernel
 from engine.kernels.kinds import KernelType
 from engine.kernels.kinds.sdpa_is_causal import bind, guarded_trace, reference
-from engine.kernels.npu.base import INSTALL_HINT
+from engine.kernels.npu.base import NeedsTorchNpu
 
 
 class SdpaIsCausalKernel(MetaKernel):
@@ -39,14 +38,9 @@ class CudaSdpaIsCausalKernel(SdpaIsCausalKernel):
     device = "cuda"
 
 
-class NpuSdpaIsCausalKernel(SdpaIsCausalKernel):
+class NpuSdpaIsCausalKernel(NeedsTorchNpu, SdpaIsCausalKernel):
     type = KernelType.ATTENTION
     device = "npu"
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        """No op of its own, but an NPU model runs nothing without torch_npu: skipped with the same reason."""
-        return None if torch_npu_installed() else INSTALL_HINT
 
 
 class CpuSdpaIsCausalKernel(SdpaIsCausalKernel):
