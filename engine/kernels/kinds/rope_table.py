@@ -60,7 +60,7 @@ def check(module: Any, options: NoOptions) -> str | None:
     rope_type = getattr(module, "rope_type", "default")
     if not isinstance(rope_type, str):
         return f"rope_type is {type(rope_type).__name__} (one table per layer type), not one rope type"
-    if rope_type == "longrope" or "dynamic" in rope_type:
+    if any(updating in rope_type for updating in UPDATING_ROPE_TYPES):
         return f"rope_type {rope_type!r} updates inv_freq from the positions in forward; the table op keeps it fixed"
     if hasattr(module, "mrope_section") or methods_read(type(module).__mro__, ["mrope_section"]):
         return "a multimodal (MRoPE) table: its sections mix three rows of position ids (kind `mrope`)"
@@ -75,13 +75,13 @@ def check(module: Any, options: NoOptions) -> str | None:
 
 def probe(module: Any, options: NoOptions) -> str | None:
     """The class forward against :func:`reference` on two rows of positions, one of them large (fp32 angles)."""
-    twin = probe_twin(module)
-    if twin is None:
-        return None
+    twin, scaling = probe_twin(module), scaling_of(module)
+    if twin is None or scaling is None:
+        return None  # too large to simulate, or refused by the check
     x = probe_tensor(2, 5, 8, like=twin.inv_freq)
     position_ids = torch.tensor([[0, 1, 2, 3, 4], [4093, 4094, 4095, 4096, 4097]], device=x.device)
     with torch.no_grad():
-        want = reference(twin.inv_freq, position_ids, scaling_of(twin) or 1.0, x.dtype)
+        want = reference(twin.inv_freq, position_ids, scaling, x.dtype)
         return mismatch(twin.forward(x, position_ids), want)
 
 

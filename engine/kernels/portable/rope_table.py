@@ -14,8 +14,9 @@ from engine.kernels.npu.base import NeedsTorchNpu
 
 
 class RopeTableKernel(MetaKernel):
-    """Inside ``torch.compile``: the table from ``engine::rope_table``. Eager calls, and a table someone
-    differentiates through, run the module's own forward. Plain PyTorch: it serves tensors on any device."""
+    """Inside ``torch.compile``: the table from ``engine::rope_table``. Eager calls, a table someone differentiates
+    through and a module whose ``attention_scaling`` is no longer a number run the module's own forward. Plain
+    PyTorch: it serves tensors on any device."""
 
     @classmethod
     def tensor_devices(cls) -> frozenset[str]:
@@ -31,11 +32,12 @@ class RopeTableKernel(MetaKernel):
 
     @classmethod
     def run(cls, module: nn.Module, options: Any, x: torch.Tensor, position_ids: torch.Tensor) -> Any:
-        if module.inv_freq.requires_grad:
+        scaling = scaling_of(module)
+        if module.inv_freq.requires_grad or scaling is None:
             return type(module).forward(module, x, position_ids)
         from engine.kernels.portable.ops.rope_table import rope_table
 
-        return rope_table(module.inv_freq.to(x.device), position_ids, scaling_of(module), x.dtype)
+        return rope_table(module.inv_freq.to(x.device), position_ids, scaling, x.dtype)
 
 
 class CudaRopeTableKernel(RopeTableKernel):
