@@ -45,7 +45,7 @@ def engine_ops_in(counter: CompileCounterWithBackend) -> set[str]:
 
 
 # kernels the compiler generates itself run as original code under torch.compile unless ENGINE_UNDER_COMPILE=kernel
-COMPILER_KEEPS = {"linear_cross_entropy", "fused_moe", "rope_table"}
+COMPILER_KEEPS = {"linear_cross_entropy", "fused_moe", "rope_table", "mrope_cos_sin"}
 
 
 @pytest.mark.parametrize("policy", ["default", "kernel"])
