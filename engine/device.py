@@ -29,6 +29,9 @@ class DeviceType(ValueEnum):
     CPU = "cpu"
 
 
+# what a plain-PyTorch (portable) kernel serves: tensors on any device type
+ALL_DEVICE_TYPES = frozenset(d.value for d in DeviceType)
+
 DEVICE_ENV = "ENGINE_DEVICE"
 
 

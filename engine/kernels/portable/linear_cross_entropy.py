@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from engine.device import DeviceType
+from engine.device import ALL_DEVICE_TYPES
 from engine.kernels.base import MetaKernel
 from engine.kernels.kinds import KernelType
 from engine.kernels.kinds.linear_cross_entropy import (
@@ -35,7 +35,7 @@ class OutputHeadKernel(MetaKernel):
 
     @classmethod
     def tensor_devices(cls) -> frozenset[str]:
-        return frozenset(d.value for d in DeviceType)
+        return ALL_DEVICE_TYPES
 
     @classmethod
     def supports(cls, options: Any, hidden: Any) -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.device import DeviceType
+from engine.device import ALL_DEVICE_TYPES
 from engine.kernels.base import MetaKernel
 from engine.kernels.kinds.rope_table import fits, scaling_of
 from engine.kernels.npu.base import NeedsTorchNpu
@@ -20,7 +20,7 @@ class RopeTableKernel(MetaKernel):
 
     @classmethod
     def tensor_devices(cls) -> frozenset[str]:
-        return frozenset(d.value for d in DeviceType)
+        return ALL_DEVICE_TYPES
 
     @classmethod
     def supports(cls, options: Any, x: Any, position_ids: Any) -> bool:
