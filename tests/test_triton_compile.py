@@ -22,7 +22,7 @@ from engine.kernels.kinds.mrope import MRopeOptions
 from engine.kernels.kinds.rms_norm import RMSNormOptions
 from engine.kernels.kinds.swiglu import SwiGLUOptions
 from engine.kernels.triton.ops import embedding as embedding_ops
-from engine.kernels.triton.ops import library
+from engine.kernels.triton.ops import library, moe_grouped
 from engine.kernels.triton.ops import moe as moe_ops
 from engine.kernels.triton.ops import mrope as mrope_ops
 from engine.kernels.triton.ops import rms_norm as rms_norm_ops
@@ -343,23 +343,35 @@ _TRACE_SCRIPT = textwrap.dedent(
             print(name, dynamic, " ".join(kernels_launched(fn, inputs, grad_of, dynamic)))
     """
 )
-EXPECTED_KERNELS = {
-    "rms_norm": {"_rms_norm_fwd", "_rms_norm_bwd"},
-    "rms_norm_gemma": {"_rms_norm_fwd", "_rms_norm_bwd"},
-    "swiglu": {"_swiglu_fwd", "_swiglu_bwd"},
-    "swiglu_linear": {"_swiglu_fwd", "_swiglu_bwd"},  # the GEMMs are aten ops beside them
-    "rope": {"_rope_kernel"},
-    "vision_rope": {"_rope_kernel"},
-    "mrope_cos_sin": {"_mrope_cos_sin"},
-    "fused_moe": {"_row_gemm", "_gather_sum_kernel", "_expert_wgrad"},
-    "fused_moe_bf16": {"_row_gemm", "_gather_sum_kernel", "_expert_wgrad"},  # the trace runs on a CPU: no Hopper
-    "embedding": {"_embedding_grad_rows", "_embedding_grad_heavy"},
-}
+
+
+TRITON_GEMM_MOE = {"_row_gemm", "_gather_sum_kernel", "_expert_wgrad"}
+CUTLASS_MOE_ROWS = {"_swiglu_rows_kernel", "_swiglu_rows_backward_kernel", "_gather_sum_kernel"}
+
+
+def expected_kernels() -> dict[str, set[str]]:
+    """The Triton kernels each op case launches, forward and backward, on this machine."""
+    x, gate_up, down, index, _ = op_cases()["fused_moe_bf16"][1]
+    grouped = moe_grouped.fits(x, gate_up, down, rows=index.numel())
+    return {
+        "rms_norm": {"_rms_norm_fwd", "_rms_norm_bwd"},
+        "rms_norm_gemma": {"_rms_norm_fwd", "_rms_norm_bwd"},
+        "swiglu": {"_swiglu_fwd", "_swiglu_bwd"},
+        "swiglu_linear": {"_swiglu_fwd", "_swiglu_bwd"},  # the GEMMs are aten ops beside them
+        "rope": {"_rope_kernel"},
+        "vision_rope": {"_rope_kernel"},
+        "mrope_cos_sin": {"_mrope_cos_sin"},
+        "fused_moe": TRITON_GEMM_MOE,
+        # on Hopper the bf16 experts' GEMMs are aten grouped GEMMs beside the row kernels; elsewhere Triton's
+        "fused_moe_bf16": CUTLASS_MOE_ROWS if grouped else TRITON_GEMM_MOE,
+        "embedding": {"_embedding_grad_rows", "_embedding_grad_heavy"},
+    }
 
 
 def test_triton_op_bodies_trace_into_kernel_launches():
-    """The GPU form of the operators (``triton_op``), traced on CPU: every launch must become a graph node
-    that Inductor compiles (fwd and bwd; dynamic shapes for two). Runs without the interpreter."""
+    """The GPU form of the operators (``triton_op``), traced (CPU tensors in CI, CUDA tensors on a GPU): every
+    launch must become a graph node that Inductor compiles (fwd and bwd; dynamic shapes for two). Runs without
+    the interpreter."""
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
@@ -371,7 +383,7 @@ def test_triton_op_bodies_trace_into_kernel_launches():
     for line in result.stdout.splitlines():
         name, dynamic, *kernels = line.split()
         seen[(name, dynamic)] = kernels
-    for name, expected in EXPECTED_KERNELS.items():
+    for name, expected in expected_kernels().items():
         for dynamic in ("False", "True") if name in ("rms_norm", "fused_moe") else ("False",):
             assert set(seen[(name, dynamic)]) == expected, (name, dynamic, seen.get((name, dynamic)))
     assert seen[("rms_norm", "False")].count("_rms_norm_bwd") == 1  # the backward is in the same joint graph
