@@ -7,7 +7,6 @@ Per call, medians over a few hundred calls with no synchronisation in the loop:
 device thread), ``bwd`` (the op's backward body), ``return`` (until ``backward()`` returns), ``total``.
 The split needs a Python backward (Liger, and engine on the autograd.Function path ``engine (function)``); for
 the engine operator path (``engine``) and F.rms_norm only fwd and total are known.
-Also times one bare launch of the RMSNorm forward kernel through ``kernel[grid]`` and through engine's handle cache.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import RESULTS_DIR, environment, write_json
-from engine.kernels.triton.launch import fast_launch, launch
 from engine.kernels.triton.ops import library
 from engine.kernels.triton.ops import rms_norm as rn
 from engine.kernels.triton.ops.rope import ROPE, rope
@@ -67,32 +65,6 @@ def split_host_us(fn, leaves, grads, function_class=None, calls: int = 300) -> d
     finally:
         undo()
     return {k: statistics.median(r[k] for r in rows) / 1e3 for k in rows[0]}
-
-
-def bare_launch_us(calls: int = 500) -> dict[str, float]:
-    rows, cols = 65536, 128
-    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
-    w = torch.ones(cols, device="cuda", dtype=torch.bfloat16)
-    y, rstd = torch.empty_like(x), torch.empty(rows, device="cuda")
-    args = (x, w, y, rstd, cols, cols, 1, rows, cols, 1e-6, 0.0)
-    meta = {"BLOCK_M": 32, "BLOCK_N": 128, "GEMMA": False, "num_warps": 4}
-    grid = (rows // 32,)
-    paths = {
-        "kernel[grid]": lambda: rn._rms_norm_fwd[grid](*args, **meta),
-        "engine launch (handle cache)": lambda: launch(rn._rms_norm_fwd, grid, *args, **meta),
-    }
-    result = {}
-    with fast_launch(True):
-        for name, run in paths.items():
-            for _ in range(30):
-                run()
-            torch.cuda.synchronize()
-            start = time.perf_counter_ns()
-            for _ in range(calls):
-                run()
-            result[name] = (time.perf_counter_ns() - start) / calls / 1e3
-            torch.cuda.synchronize()
-    return result
 
 
 def cases():
@@ -141,22 +113,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
     records = []
-    bare = bare_launch_us()
-    for name, us in bare.items():
-        print(f"bare launch via {name:30s} {us:6.1f} us")
     for case, providers, leaves, grads in cases():
-        runs = [(p, fn, cls, True) for p, (fn, cls) in providers.items()]
-        runs.insert(1, ("engine, kernel[grid] launches", *providers["engine"], False))
-        for provider, fn, cls, fast in runs:
+        for provider, (fn, cls) in providers.items():
             path = "function" if "function" in provider else "op"
-            with fast_launch(fast), library.eager_path(path):
+            with library.eager_path(path):
                 split = split_host_us(fn, leaves, grads, cls)
             records.append({"case": case, "provider": provider, **split})
             parts = "  ".join(f"{k} {v:6.1f}" for k, v in split.items())
             print(f"{case:30s} {provider:30s} {parts} us")
-    write_json(
-        args.out / "launch_overhead.json", {"environment": environment(), "bare_launch_us": bare, "records": records}
-    )
+    write_json(args.out / "launch_overhead.json", {"environment": environment(), "records": records})
 
 
 if __name__ == "__main__":

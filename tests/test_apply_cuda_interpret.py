@@ -9,7 +9,6 @@ import torch
 import engine
 from engine.catalog import find_spec
 from engine.kernels.triton.ops import library
-from engine.kernels.triton.ops import linear_cross_entropy as lce_ops
 from engine.testing import tiny_models
 from tests.parity import (
     assert_close_grads,
@@ -45,14 +44,13 @@ def _name(kernel) -> str:
 def launches(monkeypatch):
     """Names of the Triton kernels launched while the test runs."""
     seen: Counter[str] = Counter()
-    for module in (library, lce_ops):
-        real = module.launch
+    real = library.launch
 
-        def counting(kernel, grid, *args, _real=real, **meta):
-            seen[_name(kernel)] += 1
-            return _real(kernel, grid, *args, **meta)
+    def counting(kernel, grid, *args, **meta):
+        seen[_name(kernel)] += 1
+        return real(kernel, grid, *args, **meta)
 
-        monkeypatch.setattr(module, "launch", counting)
+    monkeypatch.setattr(library, "launch", counting)
     return seen
 
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.portable.ops.linear_cross_entropy import register_chunk_loss
-from engine.kernels.triton.launch import launch
+from engine.kernels.triton.ops.library import run_kernel
 from engine.kernels.triton.runtime import next_power_of_2
 
 MAX_BLOCK = 8192
@@ -110,7 +110,7 @@ def triton_chunk_loss(
     if logits.stride(1) != 1:
         raise ValueError("triton_chunk_loss: logits rows must be contiguous")
     block = block or min(MAX_BLOCK, next_power_of_2(vocab))
-    launch(
+    run_kernel(
         _chunk_loss_kernel,
         (rows,),
         logits,
